@@ -1,0 +1,36 @@
+# Two entry points (see README): `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA_DIR ?= ../shared/data/multi30k
+DEMO_MINUTES ?= 4
+DEMO_OUT ?= runs/demo
+
+.PHONY: setup demo test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev,viz,serve]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Train on Multi30k De->En for a few minutes, translate the test set with beam 4, score with sacreBLEU.
+demo: setup
+	$(PY) -m aiayn train --data multi30k:de-en --data-dir $(DATA_DIR) --preset small \
+		--max-minutes $(DEMO_MINUTES) --precision bf16 --out $(DEMO_OUT)
+	$(PY) -m aiayn translate --model $(DEMO_OUT) --beam 4 \
+		--input $(DATA_DIR)/test_2016_flickr.de.gz --output $(DEMO_OUT)/test.hyp.en
+	$(PY) -m aiayn evaluate --hyp $(DEMO_OUT)/test.hyp.en --ref $(DATA_DIR)/test_2016_flickr.en.gz --lowercase
+	echo "Ein Mann fährt Fahrrad auf einer Straße." | $(PY) -m aiayn translate --model $(DEMO_OUT)
+
+test: setup
+	AIAYN_DATA=$(DATA_DIR) $(PY) -m pytest -q tests
+
+lint: setup
+	$(PY) -m ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

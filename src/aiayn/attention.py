@@ -1,0 +1,177 @@
+"""Attention (paper section 3.2): scaled dot-product attention, multi-head attention, masks, KV cache.
+
+Shape legend:
+    B batch, L query length, M key/value length, S source length, T target length,
+    H heads, D head dim (d_k = d_v = d_model / H), E d_model.
+
+Mask convention (one for the whole project): boolean, True = may attend, broadcastable to
+[B, H, L, M]. Padding and look-ahead masks combine with `&`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def padding_mask(tokens: Tensor, pad_id: int) -> Tensor:
+    """Key mask from token ids: [B, M] -> [B, 1, 1, M], True where the token is not padding."""
+    return (tokens != pad_id)[:, None, None, :]
+
+
+def causal_mask(query_len: int, key_len: int | None = None, *, device: torch.device | None = None) -> Tensor:
+    """Look-ahead mask (section 3.2.3): [1, 1, L, M], True where key position <= query position.
+
+    With a KV cache the L queries are the *last* L positions of the M keys, so query i sits at
+    absolute position M - L + i.
+    """
+    key_len = query_len if key_len is None else key_len
+    if key_len < query_len:
+        raise ValueError(f"key_len ({key_len}) must be >= query_len ({query_len})")
+    offset = key_len - query_len
+    query_pos = torch.arange(query_len, device=device)[:, None] + offset
+    key_pos = torch.arange(key_len, device=device)[None, :]
+    return (key_pos <= query_pos)[None, None]
+
+
+def reference_attention(
+    query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = None, dropout_p: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V, written out (equation 1).
+
+    Args:
+        query: [B, H, L, D]; key, value: [B, H, M, D]; mask: bool, broadcastable to [B, H, L, M].
+        dropout_p: dropout on the attention weights (0 in eval).
+    Returns:
+        (output [B, H, L, D], weights [B, H, L, M]); the weights are those before dropout, so
+        each row sums to 1 and masked keys get exactly 0.
+    """
+    scores = query @ key.transpose(-2, -1) / math.sqrt(query.size(-1))  # [B, H, L, M]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    # Softmax in at least float32: bf16 / fp16 scores lose the small weights otherwise.
+    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+    weights = weights.to(query.dtype)
+    dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
+    return dropped @ value, weights
+
+
+def fast_attention(
+    query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = None, dropout_p: float = 0.0
+) -> Tensor:
+    """The same function through `F.scaled_dot_product_attention` (fused kernels, no weights)."""
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p)
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Dispatch: the reference path when weights are asked for, the fused fast path otherwise."""
+    if need_weights:
+        return reference_attention(query, key, value, mask, dropout_p)
+    return fast_attention(query, key, value, mask, dropout_p), None
+
+
+@dataclass
+class KVCache:
+    """Keys and values of one attention module, owned by the caller.
+
+    keys, values: [B, H, M, D]. Self-attention appends one step at a time; cross-attention is
+    filled once per source and then only reordered.
+    """
+
+    keys: Tensor | None = None
+    values: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.size(2)
+
+    def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        if self.keys is None:
+            self.keys, self.values = keys, values
+        else:
+            self.keys = torch.cat([self.keys, keys], dim=2)  # [B, H, M + L, D]
+            self.values = torch.cat([self.values, values], dim=2)
+        return self.keys, self.values
+
+    def reorder(self, batch_index: Tensor) -> None:
+        """Select / reorder batch rows (beam search reordering, or dropping finished rows)."""
+        if self.keys is not None:
+            self.keys = self.keys.index_select(0, batch_index)
+            self.values = self.values.index_select(0, batch_index)
+
+
+class MultiHeadAttention(nn.Module):
+    """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O, head_i = Attention(Q W^Q_i, K W^K_i, V W^V_i).
+
+    W^Q, W^K, W^V of all heads are stacked into one [3E, E] matrix (`in_proj`), so self-attention
+    projects with one matmul; cross-attention uses its first third for the queries and the rest for
+    the memory's keys and values (the same layout as `torch.nn.MultiheadAttention`).
+    """
+
+    def __init__(self, *, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True) -> None:
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.d_model = d_model
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.dropout = dropout
+        self.in_proj = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, L, D]
+
+    def forward(
+        self,
+        query: Tensor,
+        memory: Tensor | None = None,
+        mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attend from `query` [B, L, E] to itself (memory=None) or to `memory` [B, M, E].
+
+        Args:
+            mask: bool, True = may attend, broadcastable to [B, H, L, M_total].
+            cache: self-attention: new keys/values are appended and the full cache is attended;
+                cross-attention: filled from `memory` on first use, reused afterwards.
+            need_weights: also return the attention weights [B, H, L, M_total].
+        Returns:
+            (output [B, L, E], weights or None)
+        """
+        d = self.d_model
+        weight, bias = self.in_proj.weight, self.in_proj.bias
+        if memory is None:  # self-attention
+            q, k, v = F.linear(query, weight, bias).chunk(3, dim=-1)  # 3 x [B, L, E]
+            q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
+            if cache is not None:
+                k, v = cache.append(k, v)  # [B, H, M_total, D]
+        else:  # encoder-decoder attention
+            q = self._split_heads(F.linear(query, weight[:d], None if bias is None else bias[:d]))
+            if cache is not None and cache.keys is not None:
+                k, v = cache.keys, cache.values
+            else:
+                kv = F.linear(memory, weight[d:], None if bias is None else bias[d:])  # [B, M, 2E]
+                k, v = (self._split_heads(t) for t in kv.chunk(2, dim=-1))
+                if cache is not None:
+                    cache.append(k, v)
+        dropout_p = self.dropout if self.training else 0.0
+        out, weights = scaled_dot_product_attention(q, k, v, mask, dropout_p, need_weights)
+        batch, _, length, _ = out.shape
+        out = out.transpose(1, 2).reshape(batch, length, d)  # [B, L, E]
+        return self.out_proj(out), weights

@@ -1,0 +1,116 @@
+"""The `aiayn` command: one entry point, one subcommand per task.
+
+Each subcommand has an `_add_<name>` function that declares its arguments and a `_run_<name>`
+function that imports what it needs (so `aiayn --help` stays fast) and does the work.
+User errors (bad files, bad options) print one line on stderr and exit with status 2;
+set AIAYN_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from aiayn import __version__
+
+# --- train -----------------------------------------------------------------------------------
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model on parallel text",
+                       description="Train a Transformer with the paper's recipe.")
+    data = p.add_argument_group("data")
+    data.add_argument("--data", help="named data set, e.g. multi30k:de-en")
+    data.add_argument("--data-dir", help="local directory of the named data set (else $AIAYN_DATA, cache, download)")
+    data.add_argument("--train-src"), data.add_argument("--train-tgt")
+    data.add_argument("--valid-src"), data.add_argument("--valid-tgt")
+    data.add_argument("--vocab-size", type=int, help="joint BPE vocabulary size (default: the preset's)")
+    p.add_argument("--config", help="YAML recipe (see configs/); command-line options override it")
+    p.add_argument("--preset", help="model preset: tiny, small, base, big (default small)")
+    p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a ModelConfig field, e.g. --model dropout=0.3 (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a TrainConfig field, e.g. --set warmup_steps=2000 (repeatable)")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--max-epochs", type=float)
+    p.add_argument("--max-minutes", type=float)
+    p.add_argument("--batch-tokens", type=int)
+    p.add_argument("--accumulate", type=int)
+    p.add_argument("--lr-scale", type=float)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--precision", choices=["fp32", "bf16"])
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
+    p.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from aiayn.train import train_from_args
+
+    train_from_args(args)
+    return 0
+
+
+# --- average ---------------------------------------------------------------------------------
+
+
+def _add_average(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("average", help="average the last N checkpoints of a run into a model directory")
+    p.add_argument("--run", required=True, help="a training output directory")
+    p.add_argument("--last", type=int, default=5, help="how many of the newest checkpoints (paper: 5)")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.set_defaults(handler=_run_average)
+
+
+def _run_average(args: argparse.Namespace) -> int:
+    from aiayn.train import average_run
+
+    paths = average_run(args.run, args.last, args.out)
+    print(f"averaged {len(paths)} checkpoints into {args.out}: " + ", ".join(p.name for p in paths))
+    return 0
+
+
+# --- parser ----------------------------------------------------------------------------------
+
+_SUBCOMMANDS = [_add_train, _add_average]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aiayn",
+        description="The Transformer of 'Attention Is All You Need' as a translation toolkit.",
+    )
+    parser.add_argument("--version", action="version", version=f"aiayn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in _SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return 0
+    if os.environ.get("AIAYN_DEBUG"):
+        return args.handler(args)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print(f"aiayn {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, KeyError, RuntimeError) as error:
+        # DataError is a ValueError; missing files are OSErrors. One line, no traceback.
+        print(f"aiayn {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,350 @@
+"""The Transformer (Vaswani et al., 2017), top to bottom in the paper's order.
+
+Shape legend: B batch, S source length, T target length, E d_model, V vocabulary, H heads.
+Masks: boolean, True = may attend (see `aiayn.attention`).
+
+Initialisation (documented because the paper does not give one): every linear weight is
+Xavier-uniform with zero bias (as in tensor2tensor and fairseq); embeddings are N(0, d_model^-0.5),
+so that after the sqrt(d_model) scaling of section 3.4 they have unit variance and, tied to the
+output projection, give logits of unit scale; the padding row is zero; LayerNorm is (1, 0).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from aiayn.attention import KVCache, MultiHeadAttention, causal_mask, padding_mask
+from aiayn.config import ModelConfig
+
+# --- 3.5 Positional encoding -------------------------------------------------------------------
+
+
+def sinusoidal_table(length: int, d_model: int) -> Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)).
+
+    Interleaved layout exactly as the formula reads (even dims sin, odd dims cos); tensor2tensor
+    concatenates [sin | cos] instead, which is a permutation of the same features. [length, E].
+    """
+    if d_model % 2:
+        raise ValueError(f"sinusoidal encoding needs an even d_model, got {d_model}")
+    position = torch.arange(length, dtype=torch.float64)[:, None]  # [length, 1]
+    inv_freq = torch.pow(10000.0, -torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+    table = torch.zeros(length, d_model, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(position * inv_freq)
+    table[:, 1::2] = torch.cos(position * inv_freq)
+    return table.float()
+
+
+class SinusoidalPositionalEncoding(nn.Module):
+    """Fixed sinusoids (the paper's choice). forward(length, offset) -> [length, E]."""
+
+    def __init__(self, *, d_model: int, max_positions: int) -> None:
+        super().__init__()
+        self.max_positions = max_positions
+        self.register_buffer("table", sinusoidal_table(max_positions, d_model), persistent=False)
+
+    def forward(self, length: int, offset: int = 0) -> Tensor:
+        _check_positions(offset + length, self.max_positions)
+        return self.table[offset : offset + length]
+
+
+class LearnedPositionalEncoding(nn.Module):
+    """Learned position embeddings (section 3.5 / table 3 row E: "nearly identical results")."""
+
+    def __init__(self, *, d_model: int, max_positions: int) -> None:
+        super().__init__()
+        self.max_positions = max_positions
+        self.weight = nn.Parameter(torch.randn(max_positions, d_model) * d_model**-0.5)
+
+    def forward(self, length: int, offset: int = 0) -> Tensor:
+        _check_positions(offset + length, self.max_positions)
+        return self.weight[offset : offset + length]
+
+
+def _check_positions(needed: int, max_positions: int) -> None:
+    if needed > max_positions:
+        raise ValueError(
+            f"sequence needs {needed} positions but the model has max_positions={max_positions}; "
+            "truncate or split the input"
+        )
+
+
+# --- 3.4 Embeddings ----------------------------------------------------------------------------
+
+
+class Embeddings(nn.Module):
+    """Token embeddings multiplied by sqrt(d_model) (section 3.4)."""
+
+    def __init__(self, *, vocab_size: int, d_model: int, pad_id: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
+        self.pad_id = pad_id
+        self.scale = math.sqrt(d_model)
+        nn.init.normal_(self.weight, mean=0.0, std=d_model**-0.5)
+        with torch.no_grad():
+            self.weight[pad_id].zero_()
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return nn.functional.embedding(tokens, self.weight, self.pad_id) * self.scale  # [B, L, E]
+
+
+# --- 3.3 Position-wise feed-forward ------------------------------------------------------------
+
+
+class FeedForward(nn.Module):
+    """FFN(x) = max(0, x W1 + b1) W2 + b2 (equation 2)."""
+
+    def __init__(self, *, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, d_ff)
+        self.linear2 = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear2(torch.relu(self.linear1(x)))
+
+
+# --- 3.1 Encoder and decoder stacks ------------------------------------------------------------
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention then feed-forward, each as LayerNorm(x + Dropout(Sublayer(x))) (post-norm).
+
+    With norm_first=True (a departure: Xiong et al. 2020, "pre-LN") each sublayer is
+    x + Dropout(Sublayer(LayerNorm(x))).
+    """
+
+    def __init__(
+        self, *, d_model: int, n_heads: int, d_ff: int, dropout: float, attention_dropout: float,
+        norm_first: bool,
+    ) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(d_model=d_model, n_heads=n_heads, dropout=attention_dropout)
+        self.feed_forward = FeedForward(d_model=d_model, d_ff=d_ff)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.norm_first = norm_first
+
+    def forward(self, x: Tensor, mask: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """x: [B, S, E]; mask: [B, 1, 1, S] -> ([B, S, E], weights [B, H, S, S] or None)."""
+        if self.norm_first:
+            h, weights = self.self_attn(self.norm1(x), mask=mask, need_weights=need_weights)
+            x = x + self.dropout(h)
+            x = x + self.dropout(self.feed_forward(self.norm2(x)))
+        else:
+            h, weights = self.self_attn(x, mask=mask, need_weights=need_weights)
+            x = self.norm1(x + self.dropout(h))
+            x = self.norm2(x + self.dropout(self.feed_forward(x)))
+        return x, weights
+
+
+class DecoderLayer(nn.Module):
+    """Masked self-attention, encoder-decoder attention, feed-forward; each with Add & Norm."""
+
+    def __init__(
+        self, *, d_model: int, n_heads: int, d_ff: int, dropout: float, attention_dropout: float,
+        norm_first: bool,
+    ) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(d_model=d_model, n_heads=n_heads, dropout=attention_dropout)
+        self.cross_attn = MultiHeadAttention(d_model=d_model, n_heads=n_heads, dropout=attention_dropout)
+        self.feed_forward = FeedForward(d_model=d_model, d_ff=d_ff)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.norm_first = norm_first
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor,
+        self_mask: Tensor,
+        cross_mask: Tensor,
+        cache: "LayerCache | None" = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """x: [B, T, E]; memory: [B, S, E] -> ([B, T, E], self weights, cross weights)."""
+        self_cache = cache.self_attn if cache is not None else None
+        cross_cache = cache.cross_attn if cache is not None else None
+        if self.norm_first:
+            h, self_w = self.self_attn(self.norm1(x), mask=self_mask, cache=self_cache, need_weights=need_weights)
+            x = x + self.dropout(h)
+            h, cross_w = self.cross_attn(
+                self.norm2(x), memory, mask=cross_mask, cache=cross_cache, need_weights=need_weights
+            )
+            x = x + self.dropout(h)
+            x = x + self.dropout(self.feed_forward(self.norm3(x)))
+        else:
+            h, self_w = self.self_attn(x, mask=self_mask, cache=self_cache, need_weights=need_weights)
+            x = self.norm1(x + self.dropout(h))
+            h, cross_w = self.cross_attn(x, memory, mask=cross_mask, cache=cross_cache, need_weights=need_weights)
+            x = self.norm2(x + self.dropout(h))
+            x = self.norm3(x + self.dropout(self.feed_forward(x)))
+        return x, self_w, cross_w
+
+
+@dataclass
+class LayerCache:
+    """One decoder layer's caches: self-attention grows each step, cross-attention is fixed."""
+
+    self_attn: KVCache = field(default_factory=KVCache)
+    cross_attn: KVCache = field(default_factory=KVCache)
+
+
+@dataclass
+class DecoderCache:
+    """Caller-owned incremental-decoding state for the whole decoder stack."""
+
+    layers: list[LayerCache]
+
+    @classmethod
+    def empty(cls, n_layers: int) -> "DecoderCache":
+        return cls([LayerCache() for _ in range(n_layers)])
+
+    @property
+    def length(self) -> int:
+        """Number of target positions already decoded."""
+        return self.layers[0].self_attn.length
+
+    def reorder(self, batch_index: Tensor) -> None:
+        """Keep / reorder batch rows, e.g. the surviving beams, or drop finished sentences."""
+        for layer in self.layers:
+            layer.self_attn.reorder(batch_index)
+            layer.cross_attn.reorder(batch_index)
+
+
+@dataclass
+class EncoderOutput:
+    memory: Tensor  # [B, S, E]
+    src_mask: Tensor  # [B, 1, 1, S], True = real source token
+    self_attention: list[Tensor] | None = None  # per layer [B, H, S, S]
+
+    def reorder(self, batch_index: Tensor) -> "EncoderOutput":
+        return EncoderOutput(self.memory.index_select(0, batch_index), self.src_mask.index_select(0, batch_index))
+
+
+@dataclass
+class DecoderOutput:
+    hidden: Tensor  # [B, T, E], final decoder states
+    logits: Tensor | None  # [B, T, V], None when project=False
+    self_attention: list[Tensor] | None = None  # per layer [B, H, T, T_total]
+    cross_attention: list[Tensor] | None = None  # per layer [B, H, T, S]
+
+
+class Transformer(nn.Module):
+    """Encoder-decoder Transformer (figure 1) built from a `ModelConfig`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.src_embedding = Embeddings(vocab_size=c.vocab_size, d_model=c.d_model, pad_id=c.pad_id)
+        # Section 3.4: one weight matrix for both embeddings and the pre-softmax projection.
+        self.tgt_embedding = (
+            None if c.share_embeddings else Embeddings(vocab_size=c.vocab_size, d_model=c.d_model, pad_id=c.pad_id)
+        )
+        self.output_projection = (
+            None if c.share_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
+        )
+        positional = SinusoidalPositionalEncoding if c.positional_encoding == "sinusoidal" else LearnedPositionalEncoding
+        self.positions = positional(d_model=c.d_model, max_positions=c.max_positions)
+        self.embed_dropout = nn.Dropout(c.dropout)  # section 5.4: dropout on embeddings + positions
+        layer_args = dict(
+            d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.dropout,
+            attention_dropout=c.attention_dropout, norm_first=c.norm_first,
+        )
+        self.encoder_layers = nn.ModuleList(EncoderLayer(**layer_args) for _ in range(c.n_encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(**layer_args) for _ in range(c.n_decoder_layers))
+        # Pre-norm stacks need a final LayerNorm; post-norm outputs are already normalised.
+        self.encoder_norm = nn.LayerNorm(c.d_model) if c.norm_first else None
+        self.decoder_norm = nn.LayerNorm(c.d_model) if c.norm_first else None
+        self._init_linear_weights()
+
+    def _init_linear_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _embed(self, tokens: Tensor, embedding: Embeddings, offset: int = 0) -> Tensor:
+        x = embedding(tokens) + self.positions(tokens.size(1), offset)  # [B, L, E]
+        return self.embed_dropout(x)
+
+    def encode(self, src_tokens: Tensor, need_weights: bool = False) -> EncoderOutput:
+        """src_tokens: LongTensor [B, S] (right-padded with pad_id) -> EncoderOutput."""
+        src_mask = padding_mask(src_tokens, self.config.pad_id)  # [B, 1, 1, S]
+        x = self._embed(src_tokens, self.src_embedding)
+        attentions = [] if need_weights else None
+        for layer in self.encoder_layers:
+            x, weights = layer(x, src_mask, need_weights)
+            if attentions is not None:
+                attentions.append(weights)
+        if self.encoder_norm is not None:
+            x = self.encoder_norm(x)
+        return EncoderOutput(memory=x, src_mask=src_mask, self_attention=attentions)
+
+    def decode(
+        self,
+        tgt_tokens: Tensor,
+        encoder_out: EncoderOutput,
+        cache: DecoderCache | None = None,
+        need_weights: bool = False,
+        project: bool = True,
+    ) -> DecoderOutput:
+        """Run the decoder stack.
+
+        Args:
+            tgt_tokens: LongTensor [B, T]. Without a cache: the whole (right-padded) target input.
+                With a cache: only the new tokens (usually T = 1); earlier positions are read from
+                the cache, and the cache is updated in place.
+            encoder_out: from `encode` (rows aligned with tgt_tokens).
+            cache: `DecoderCache.empty(n_decoder_layers)` before the first step, owned by the caller.
+            need_weights: return self- and cross-attention weights of every layer and head.
+            project: compute logits (False returns only hidden states, for a training loss that
+                projects the non-padding positions alone).
+        Raises:
+            ValueError: when the target needs more positions than max_positions.
+        """
+        offset = cache.length if cache is not None else 0
+        new_len = tgt_tokens.size(1)
+        self_mask = causal_mask(new_len, offset + new_len, device=tgt_tokens.device)  # [1, 1, T, T_total]
+        if cache is None:
+            self_mask = self_mask & padding_mask(tgt_tokens, self.config.pad_id)  # [B, 1, T, T]
+        embedding = self.src_embedding if self.tgt_embedding is None else self.tgt_embedding
+        x = self._embed(tgt_tokens, embedding, offset)
+        self_attns = [] if need_weights else None
+        cross_attns = [] if need_weights else None
+        for i, layer in enumerate(self.decoder_layers):
+            layer_cache = cache.layers[i] if cache is not None else None
+            x, self_w, cross_w = layer(
+                x, encoder_out.memory, self_mask, encoder_out.src_mask, layer_cache, need_weights
+            )
+            if need_weights:
+                self_attns.append(self_w)
+                cross_attns.append(cross_w)
+        if self.decoder_norm is not None:
+            x = self.decoder_norm(x)
+        logits = self.logits(x) if project else None
+        return DecoderOutput(hidden=x, logits=logits, self_attention=self_attns, cross_attention=cross_attns)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Pre-softmax linear transformation: [..., E] -> [..., V] (tied to the embeddings)."""
+        if self.output_projection is None:
+            return nn.functional.linear(hidden, self.src_embedding.weight)
+        return self.output_projection(hidden)
+
+    def new_cache(self) -> DecoderCache:
+        return DecoderCache.empty(len(self.decoder_layers))
+
+    def forward(self, src_tokens: Tensor, tgt_tokens: Tensor) -> Tensor:
+        """Teacher forcing: src_tokens [B, S], tgt_tokens [B, T] (BOS + target) -> logits [B, T, V]."""
+        return self.decode(tgt_tokens, self.encode(src_tokens)).logits
