@@ -68,7 +68,9 @@ def test_unseen_character_is_unk(tokenizer: Tokenizer) -> None:
     assert UNK_ID in ids
 
 
-def test_encode_adds_no_specials_and_batch_matches_single(tokenizer: Tokenizer, train_lines) -> None:
+def test_encode_adds_no_specials_and_batch_matches_single(
+    tokenizer: Tokenizer, train_lines
+) -> None:
     lines = train_lines["en"][:50]
     batch = tokenizer.encode_batch(lines)
     assert batch == [tokenizer.encode(line) for line in lines]

@@ -86,7 +86,7 @@ def read_lines(path: str | Path) -> list[str]:
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
+    return [line.removesuffix("\r") for line in lines]
 
 
 def read_parallel(src_path: str | Path, tgt_path: str | Path) -> ParallelText:
@@ -243,13 +243,18 @@ def download(url: str, dest: str | Path, sha256: str | None = None) -> Path:
     try:
         with os.fdopen(handle, "wb") as out:
             try:
-                response = urllib.request.urlopen(url, timeout=60)  # noqa: S310 (user-chosen URL)
+                response = urllib.request.urlopen(url, timeout=60)
             except (urllib.error.URLError, OSError, ValueError) as error:
                 raise DataError(f"cannot download {url}: {error}") from error
             with response:
                 total = response.headers.get("Content-Length")
-                with tqdm(total=int(total) if total else None, unit="B", unit_scale=True,
-                          desc=dest.name, disable=None) as bar:
+                with tqdm(
+                    total=int(total) if total else None,
+                    unit="B",
+                    unit_scale=True,
+                    desc=dest.name,
+                    disable=None,
+                ) as bar:
                     while chunk := response.read(1 << 16):
                         out.write(chunk)
                         digest.update(chunk)
@@ -289,8 +294,12 @@ class TokenizedCorpus:
                 f"src / tgt / line_numbers lengths differ: "
                 f"{len(self.src)}, {len(self.tgt)}, {len(self.line_numbers)}"
             )
-        self.src_lengths = np.fromiter((len(x) for x in self.src), dtype=np.int64, count=len(self.src))
-        self.tgt_lengths = np.fromiter((len(x) for x in self.tgt), dtype=np.int64, count=len(self.tgt))
+        self.src_lengths = np.fromiter(
+            (len(x) for x in self.src), dtype=np.int64, count=len(self.src)
+        )
+        self.tgt_lengths = np.fromiter(
+            (len(x) for x in self.tgt), dtype=np.int64, count=len(self.tgt)
+        )
 
     def __len__(self) -> int:
         return len(self.src)
@@ -386,7 +395,9 @@ def collate(corpus: TokenizedCorpus, indices: Sequence[int]) -> Batch:
         tgt_output[row, : len(tgt)] = tgt
         tgt_output[row, len(tgt)] = EOS_ID
     return Batch(
-        torch.from_numpy(src_tokens), torch.from_numpy(tgt_input), torch.from_numpy(tgt_output),
+        torch.from_numpy(src_tokens),
+        torch.from_numpy(tgt_input),
+        torch.from_numpy(tgt_output),
         indices,
     )
 
@@ -435,8 +446,9 @@ def make_batches(
     batches: list[list[int]] = []
     current: list[int] = []
     max_src = max_tgt = 0
-    for index, src_len, tgt_len in zip(order.tolist(), src_lengths[order].tolist(),
-                                       tgt_lengths[order].tolist()):
+    for index, src_len, tgt_len in zip(
+        order.tolist(), src_lengths[order].tolist(), tgt_lengths[order].tolist()
+    ):
         new_src, new_tgt = max(max_src, src_len), max(max_tgt, tgt_len)
         if current and (len(current) + 1) * max(new_src, new_tgt + 1) > max_tokens:
             batches.append(current)
@@ -482,8 +494,12 @@ class BatchIterator:
         """The index batches of the current epoch (cached per epoch)."""
         if self._batches is None or self._batches_epoch != self.epoch:
             self._batches = make_batches(
-                self.corpus.src_lengths, self.corpus.tgt_lengths, self.max_tokens,
-                shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
+                self.corpus.src_lengths,
+                self.corpus.tgt_lengths,
+                self.max_tokens,
+                shuffle=self.shuffle,
+                seed=self.seed,
+                epoch=self.epoch,
             )
             self._batches_epoch = self.epoch
         return self._batches
@@ -515,7 +531,9 @@ class BatchIterator:
         try:
             epoch, position = int(state["epoch"]), int(state["position"])
         except (KeyError, TypeError) as error:
-            raise ValueError(f"iterator state needs int 'epoch' and 'position', got {state!r}") from error
+            raise ValueError(
+                f"iterator state needs int 'epoch' and 'position', got {state!r}"
+            ) from error
         if epoch < 1 or not 0 <= position <= len(self):
             raise ValueError(f"bad iterator state {state!r} ({len(self)} batches per epoch)")
         self.epoch, self.position = epoch, position

@@ -40,7 +40,9 @@ class Tokenizer:
         try:
             processor.LoadFromSerializedProto(model_proto)
         except RuntimeError as error:  # sentencepiece reports a corrupt proto this way
-            raise ValueError(f"not a SentencePiece model ({len(model_proto)} bytes): {error}") from error
+            raise ValueError(
+                f"not a SentencePiece model ({len(model_proto)} bytes): {error}"
+            ) from error
         found = {
             PAD_ID: processor.pad_id(),
             UNK_ID: processor.unk_id(),
@@ -110,7 +112,9 @@ class Tokenizer:
                 minloglevel=2,
             )
         except RuntimeError as error:  # e.g. "Vocabulary size is too high"
-            raise ValueError(f"SentencePiece training failed (vocab_size={vocab_size}): {error}") from error
+            raise ValueError(
+                f"SentencePiece training failed (vocab_size={vocab_size}): {error}"
+            ) from error
         return cls(writer.getvalue(), num_threads=num_threads)
 
     @classmethod
@@ -179,7 +183,9 @@ class Tokenizer:
 
     def pieces(self, ids: Sequence[int]) -> list[str]:
         """The subword string of each id (specials included), e.g. for attention plot labels."""
-        return [self._processor.id_to_piece(token) for token in self._clean(ids, keep_specials=True)]
+        return [
+            self._processor.id_to_piece(token) for token in self._clean(ids, keep_specials=True)
+        ]
 
     def _clean(self, ids: Sequence[int], *, keep_specials: bool = False) -> list[int]:
         tokens = [int(token) for token in (ids.tolist() if hasattr(ids, "tolist") else ids)]
