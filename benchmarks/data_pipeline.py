@@ -60,6 +60,14 @@ def main() -> None:
             result["round_trip"][lang] = fraction
             if examples:
                 result.setdefault("round_trip_mismatches", {})[lang] = examples
+        # Held-out splits: characters absent from train become <unk> ("⁇" when decoded).
+        for split in ("val", "test_2016_flickr"):
+            held_out = read_parallel(*multi30k_paths(*pair, split, data_dir=args.data_dir))
+            for lang, sentences in zip(pair, (held_out.src, held_out.tgt)):
+                fraction, examples = round_trip(tokenizer, sentences)
+                result.setdefault(f"round_trip_{split}", {})[lang] = fraction
+                if examples:
+                    result.setdefault("round_trip_mismatches", {})[f"{split}.{lang}"] = examples
         texts[pair] = (text, tokenizer, read_s, train_s)
 
     text, tokenizer, read_s, train_s = texts[("de", "en")]
@@ -83,8 +91,10 @@ def main() -> None:
             result["collate_batches_per_s"] = round(count / elapsed, 1)
 
     print(f"{'measure':<34}{'value':>12}")
-    for lang, fraction in result["round_trip"].items():
-        print(f"{'round trip ' + lang:<34}{fraction:>12.5f}")
+    for key in ("round_trip", "round_trip_val", "round_trip_test_2016_flickr"):
+        for lang, fraction in result[key].items():
+            label = key.replace("round_trip", "round trip train").replace("train_", "")
+            print(f"{label + ' ' + lang:<34}{fraction:>12.5f}")
     for max_tokens, entry in result["padding"].items():
         label = f"padding @{max_tokens} ({entry['batches']} batches)"
         print(f"{label:<34}{entry['fraction']:>12.4f}")
