@@ -1,0 +1,252 @@
+"""Greedy and beam search (paper section 6.1: beam 4, length penalty alpha = 0.6, max length S + 50).
+
+Shape legend: B sentences, K beam size, A sentences still active, S source length, V vocabulary,
+C = 2K candidates per sentence.
+
+Layout follows fairseq: a pure `beam_step` (fairseq `search.py` BeamSearch.step) that picks the top
+2K (score, beam, token) candidates, and a short loop (fairseq `sequence_generator.py`) that owns the
+decoding state: the encoder output, expanded to one row per beam, and the caller-owned KV cache
+(`model.new_cache()`), reordered by the chosen beams each step. Cross-attention keys / values are
+computed on the first step and then only reordered. Sentences that are done are dropped from the
+batch (`cache.reorder` / `EncoderOutput.reorder` with the surviving rows), so they stop costing
+compute, and every sentence is decoded exactly as it would be on its own (padding invariance).
+
+Conventions:
+    * Outputs are token ids without BOS / EOS.
+    * The maximum output length of a row is floor(max_len_a * (its real source length) + max_len_b),
+      capped at max_positions - 1 (the decoder input is BOS + the tokens). At that length EOS is
+      forced.
+    * <pad> and <s> are never generated. There is no minimum length (EOS may come first).
+    * Scores: log-probabilities in float32 (log_softmax on float logits, so bf16 autocast by the
+      caller is fine). A finished hypothesis of n tokens plus EOS has
+      log_prob = sum of its n + 1 token log-probs and score = log_prob / length_penalty(n + 1, alpha)
+      (GNMT, Wu et al. 2016, eq. 14, without the coverage penalty; the length counts EOS as
+      fairseq and tensor2tensor do).
+    * Stopping (fairseq's default, "early stopping"): a sentence is done as soon as it has
+      `beam_size` finished hypotheses, even if an active beam could still beat one of them after
+      length normalisation; or when it reaches its maximum length. As in fairseq, an EOS candidate
+      only finishes a hypothesis when it ranks among the top K candidates of its sentence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# --- pieces -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Hypothesis:
+    """One finished translation: tokens without BOS / EOS, length-normalised score, total log-prob."""
+
+    tokens: list[int]
+    score: float
+    log_prob: float
+
+
+def length_penalty(length: int | float, alpha: float) -> float:
+    """GNMT length penalty lp(Y) = ((5 + |Y|) / 6) ** alpha (Wu et al. 2016, eq. 14); alpha = 0 -> 1."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def beam_step(scores: Tensor, step_log_probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Top 2K continuations of every sentence's beams (pure function, fairseq BeamSearch.step).
+
+    Keeping twice the beam means that even if all K best continuations end in EOS, K live ones
+    remain to carry on the beam: EOS cannot starve it.
+
+    Args:
+        scores: cumulative log-probs of the live beams [B, K] (-inf marks an empty beam slot).
+        step_log_probs: next-token log-probs of each beam [B, K, V].
+    Returns:
+        (candidate scores [B, C], beam index of each candidate [B, C], token id [B, C]) with
+        C = min(2K, K * V), sorted by score descending within each sentence.
+    Raises:
+        ValueError: if the shapes disagree.
+    """
+    if scores.dim() != 2 or step_log_probs.dim() != 3 or step_log_probs.shape[:2] != scores.shape:
+        raise ValueError(
+            f"beam_step needs scores [B, K] and step_log_probs [B, K, V], got "
+            f"{tuple(scores.shape)} and {tuple(step_log_probs.shape)}"
+        )
+    batch, beam, vocab = step_log_probs.shape
+    total = scores.unsqueeze(-1) + step_log_probs  # [B, K, V]
+    cand_scores, flat_index = total.view(batch, beam * vocab).topk(min(2 * beam, beam * vocab), dim=-1)  # [B, C]
+    return cand_scores, flat_index // vocab, flat_index % vocab
+
+
+def max_output_lengths(model, src_tokens: Tensor, max_len_a: float, max_len_b: int) -> Tensor:
+    """floor(a * real source length + b) per row, capped at max_positions - 1: LongTensor [B]."""
+    src_lengths = (src_tokens != model.config.pad_id).sum(dim=1)  # [B]
+    lengths = (src_lengths.double() * max_len_a + max_len_b).floor().long()
+    return lengths.clamp(min=0, max=model.config.max_positions - 1)
+
+
+def _step_log_probs(model, last_tokens: Tensor, encoder_out, cache) -> Tensor:
+    """Log-probs of the next token [N, V] in float32; <pad> and <s> are never generated."""
+    logits = model.decode(last_tokens, encoder_out, cache=cache).logits[:, -1]  # [N, V]
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    log_probs[:, model.config.pad_id] = float("-inf")
+    log_probs[:, model.config.bos_id] = float("-inf")
+    return log_probs
+
+
+def _force_eos(log_probs: Tensor, at_max: Tensor, eos_id: int) -> None:
+    """In place: rows where `at_max` may only produce EOS. log_probs [N, V], at_max bool [N]."""
+    if at_max.any():
+        eos_column = log_probs[:, eos_id].clone()
+        log_probs[at_max] = float("-inf")
+        log_probs[:, eos_id] = eos_column
+
+
+# --- greedy -------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def greedy_search(
+    model, src_tokens: Tensor, *, max_len_a: float = 1.0, max_len_b: int = 50, encoder_out=None
+) -> list[list[int]]:
+    """Most probable next token at every step, incrementally with the KV cache.
+
+    Args:
+        model: a `Transformer` (or anything with encode / decode / new_cache / config).
+        src_tokens: LongTensor [B, S], right-padded with pad_id, no BOS / EOS.
+        max_len_a, max_len_b: max output length = floor(a * source length + b) per row.
+        encoder_out: `model.encode(src_tokens)` if the caller already has it.
+    Returns:
+        B lists of token ids, without BOS / EOS.
+    """
+    config = model.config
+    batch = src_tokens.size(0)
+    device = src_tokens.device
+    if encoder_out is None:
+        encoder_out = model.encode(src_tokens)
+    max_lens = max_output_lengths(model, src_tokens, max_len_a, max_len_b)  # [B]
+    rows = torch.arange(batch, device=device)  # original index of each active row
+    outputs: list[list[int]] = [[] for _ in range(batch)]
+    last = torch.full((batch, 1), config.bos_id, dtype=torch.long, device=device)  # [A, 1]
+    cache = model.new_cache()
+    step = 0
+    while rows.numel():
+        log_probs = _step_log_probs(model, last, encoder_out, cache)  # [A, V]
+        _force_eos(log_probs, max_lens[rows] <= step, config.eos_id)
+        next_tokens = log_probs.argmax(dim=-1)  # [A]
+        finished = next_tokens == config.eos_id
+        for row, token in zip(rows.tolist(), next_tokens.tolist()):
+            if token != config.eos_id:
+                outputs[row].append(token)
+        if finished.any():  # drop finished rows so they stop costing compute
+            keep = (~finished).nonzero().squeeze(1)  # [A']
+            cache.reorder(keep)
+            encoder_out = encoder_out.reorder(keep)
+            rows, next_tokens = rows[keep], next_tokens[keep]
+        last = next_tokens[:, None]  # [A, 1]
+        step += 1
+    return outputs
+
+
+# --- beam ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def beam_search(
+    model,
+    src_tokens: Tensor,
+    *,
+    beam_size: int = 4,
+    length_penalty: float = 0.6,
+    max_len_a: float = 1.0,
+    max_len_b: int = 50,
+    nbest: int = 1,
+) -> list[list[Hypothesis]]:
+    """Batched beam search with the KV cache (see the module docstring for the conventions).
+
+    Args:
+        model: a `Transformer` (or anything with encode / decode / new_cache / config).
+        src_tokens: LongTensor [B, S], right-padded with pad_id, no BOS / EOS.
+        beam_size: K; 1 gives greedy search.
+        length_penalty: alpha of the GNMT penalty (0 = rank by raw log-prob).
+        max_len_a, max_len_b: max output length = floor(a * source length + b) per row.
+        nbest: hypotheses returned per sentence, best first.
+    Returns:
+        B lists of `nbest` hypotheses sorted by score, descending.
+    Raises:
+        ValueError: beam_size < 1, nbest outside [1, beam_size], or length_penalty < 0.
+    """
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    if not 1 <= nbest <= beam_size:
+        raise ValueError(f"nbest must be in [1, beam_size={beam_size}], got {nbest}")
+    if length_penalty < 0:
+        raise ValueError(f"length_penalty must be >= 0, got {length_penalty}")
+    alpha = length_penalty
+    config = model.config
+    eos = config.eos_id
+    batch, beam = src_tokens.size(0), beam_size
+    device = src_tokens.device
+
+    max_lens = max_output_lengths(model, src_tokens, max_len_a, max_len_b)  # [B]
+    encoder_out = model.encode(src_tokens).reorder(
+        torch.arange(batch, device=device).repeat_interleave(beam)  # [B*K]: one row per beam
+    )
+    cache = model.new_cache()
+    sentences = torch.arange(batch, device=device)  # original index of each active sentence [A]
+    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    # All beams start identical, so only slot 0 is live at first.
+    scores = torch.full((batch, beam), float("-inf"), device=device)  # [A, K]
+    scores[:, 0] = 0.0
+    history = torch.full((batch * beam, 1), config.bos_id, dtype=torch.long, device=device)  # [A*K, t+1]
+    step = 0
+    while sentences.numel():
+        active = sentences.numel()
+        log_probs = _step_log_probs(model, history[:, -1:], encoder_out, cache)  # [A*K, V]
+        at_max = (max_lens[sentences] <= step).repeat_interleave(beam)  # [A*K]
+        _force_eos(log_probs, at_max, eos)
+        cand_scores, cand_beams, cand_tokens = beam_step(scores, log_probs.view(active, beam, -1))  # [A, C]
+
+        # Finish the hypotheses whose EOS ranks among the top K candidates.
+        is_eos = (cand_tokens == eos) & torch.isfinite(cand_scores)  # [A, C]
+        is_eos[:, beam:] = False
+        for a, c in is_eos.nonzero().tolist():
+            sentence = int(sentences[a])
+            if len(finished[sentence]) < beam:
+                tokens = history[a * beam + int(cand_beams[a, c]), 1:].tolist()
+                log_prob = float(cand_scores[a, c])
+                finished[sentence].append(
+                    Hypothesis(tokens, log_prob / _lp(len(tokens) + 1, alpha), log_prob)
+                )
+
+        # The next beam: the K best candidates that are not EOS (there are at least K of the 2K).
+        # Same trick as fairseq: push EOS candidates behind all others, take the K smallest keys.
+        cand_count = cand_tokens.size(1)
+        order_key = (cand_tokens == eos).long() * cand_count + torch.arange(cand_count, device=device)
+        chosen = order_key.topk(beam, dim=1, largest=False).indices.sort(dim=1).values  # [A, K]
+        # With a tiny vocabulary there can be fewer than 2K candidates: pad the selection with -inf.
+        next_scores = cand_scores.gather(1, chosen)  # [A, K]
+        next_scores = next_scores.masked_fill(cand_tokens.gather(1, chosen) == eos, float("-inf"))
+        next_beams = cand_beams.gather(1, chosen)  # [A, K]
+        next_tokens = cand_tokens.gather(1, chosen)  # [A, K]
+
+        done = torch.tensor(
+            [len(finished[int(s)]) >= beam for s in sentences], dtype=torch.bool, device=device
+        ) | (max_lens[sentences] <= step) | ~torch.isfinite(next_scores).any(dim=1)  # [A]
+        keep = (~done).nonzero().squeeze(1)  # [A'] surviving sentences
+        rows = (keep[:, None] * beam + next_beams[keep]).view(-1)  # [A'*K] parent row of each new beam
+        if keep.numel():
+            cache.reorder(rows)
+            if keep.numel() < active:  # rows of one sentence hold the same memory: reorder on drop only
+                encoder_out = encoder_out.reorder(
+                    (keep[:, None] * beam + torch.arange(beam, device=device)).view(-1)
+                )
+        history = torch.cat([history[rows], next_tokens[keep].view(-1, 1)], dim=1)  # [A'*K, t+2]
+        scores = next_scores[keep]
+        sentences = sentences[keep]
+        step += 1
+
+    return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]
+
+
+_lp = length_penalty  # the function, under a name the `length_penalty` argument does not shadow
