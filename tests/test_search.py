@@ -159,3 +159,127 @@ def test_beam_argument_errors(model):
         beam_search(model, src, beam_size=2, nbest=3)
     with pytest.raises(ValueError, match="beam_size"):
         beam_search(model, src, beam_size=0)
+
+
+# --- a scripted model (fairseq tests/test_sequence_generator.py style) -------------------------
+
+A, B, C = 4, 5, 6  # ordinary tokens of the scripted vocabulary [pad, unk, bos, eos, a, b, c]
+
+
+class ScriptedModel:
+    """Next-token probabilities from a table keyed by (source sentence, target prefix).
+
+    The source's first token selects the table; prefixes are tuples of generated tokens (no BOS);
+    tokens absent from a distribution have probability 0. Records the batch size of every step.
+    """
+
+    def __init__(self, tables: dict[int, dict[tuple, dict[int, float]]], default: dict[int, float]):
+        self.tables, self.default = tables, default
+        self.config = SimpleNamespace(pad_id=PAD, bos_id=BOS, eos_id=EOS, max_positions=100)
+        self.vocab = 7
+        self.rows_per_step: list[int] = []
+
+    def encode(self, src_tokens):
+        return ScriptedEncoderOut(src_tokens[:, 0].clone())
+
+    def new_cache(self):
+        return ScriptedCache(None)
+
+    def decode(self, tgt_tokens, encoder_out, cache=None):
+        assert tgt_tokens.shape == (encoder_out.sources.numel(), 1)  # incremental, rows aligned
+        cache.prefix = tgt_tokens if cache.prefix is None else torch.cat([cache.prefix, tgt_tokens], 1)
+        self.rows_per_step.append(tgt_tokens.size(0))
+        logits = torch.full((tgt_tokens.size(0), 1, self.vocab), float("-inf"))
+        for row, (source, prefix) in enumerate(zip(encoder_out.sources.tolist(), cache.prefix.tolist())):
+            assert prefix[0] == BOS
+            dist = self.tables[source].get(tuple(prefix[1:]), self.default)
+            for token, prob in dist.items():
+                logits[row, 0, token] = math.log(prob)
+        return SimpleNamespace(logits=logits)
+
+
+class ScriptedEncoderOut:
+    def __init__(self, sources):
+        self.sources = sources
+
+    def reorder(self, index):
+        return ScriptedEncoderOut(self.sources.index_select(0, index))
+
+
+class ScriptedCache:
+    def __init__(self, prefix):
+        self.prefix = prefix
+
+    def reorder(self, index):
+        self.prefix = self.prefix.index_select(0, index)
+
+
+def test_scripted_length_penalty_changes_winner():
+    # "a </s>" has the higher log-prob; "b b b </s>" wins once scores are divided by lp(length).
+    table = {
+        (): {A: 0.5, B: 0.48, EOS: 0.01, UNK: 0.01},
+        (A,): {EOS: 0.9, UNK: 0.1},
+        (B,): {B: 0.97, UNK: 0.02, EOS: 0.01},
+        (B, B): {B: 0.97, UNK: 0.02, EOS: 0.01},
+        (B, B, B): {EOS: 0.97, UNK: 0.03},
+    }
+    model = ScriptedModel({A: table}, default={UNK: 0.9, EOS: 0.1})
+    short = math.log(0.5) + math.log(0.9)  # -0.799
+    long = math.log(0.48) + 2 * math.log(0.97) + math.log(0.97)  # -0.825
+    src = torch.tensor([[A, C]])
+
+    raw = beam_search(model, src, beam_size=2, nbest=2, length_penalty=0.0)[0]
+    assert [h.tokens for h in raw] == [[A], [B, B, B]]
+    assert [h.log_prob for h in raw] == pytest.approx([short, long])
+    assert [h.score for h in raw] == pytest.approx([short, long])
+
+    normalised = beam_search(model, src, beam_size=2, nbest=2, length_penalty=1.0)[0]
+    assert [h.tokens for h in normalised] == [[B, B, B], [A]]
+    assert [h.score for h in normalised] == pytest.approx([long / (9 / 6), short / (7 / 6)])
+    assert normalised[0].score == pytest.approx(-0.5502, abs=1e-4)
+
+
+def test_scripted_eos_cannot_starve_the_beam():
+    # Step 0: EOS ranks 2nd, so it finishes the empty hypothesis. Keeping only the top K = 2
+    # candidates would leave "a" as the single live beam and end with {"", "a </s>"}: the empty
+    # output would win. With 2K candidates "b" stays live and "b </s>" wins under alpha = 1.
+    table = {
+        (): {A: 0.36, EOS: 0.32, B: 0.30, UNK: 0.02},
+        (A,): {UNK: 0.8, EOS: 0.2},
+        (B,): {EOS: 0.95, UNK: 0.05},
+    }
+    model = ScriptedModel({A: table}, default={UNK: 0.9, EOS: 0.1})
+    best = beam_search(model, torch.tensor([[A]]), beam_size=2, nbest=2, length_penalty=1.0)[0]
+    b_eos = math.log(0.30) + math.log(0.95)
+    assert [h.tokens for h in best] == [[B], []]
+    assert best[0].log_prob == pytest.approx(b_eos)
+    assert best[0].score == pytest.approx(b_eos / (7 / 6))  # -1.0758 > log(0.32) = -1.1394
+    assert best[1].score == pytest.approx(math.log(0.32))
+
+
+def test_scripted_max_length_forces_eos_and_done_rows_are_dropped():
+    # Sentence A would never stop ("a" forever); sentence B stops at once. max length = 0 * S + 3.
+    loop = {(): {A: 0.7, EOS: 0.3}}
+    for n in range(1, 10):
+        loop[(A,) * n] = {A: 0.7, EOS: 0.3}
+    stop = {(): {EOS: 0.6, B: 0.4}, (B,): {EOS: 1.0}}
+    model = ScriptedModel({A: loop, B: stop}, default={EOS: 1.0})
+    src = torch.tensor([[A, C, C], [B, PAD, PAD]])
+
+    greedy = greedy_search(model, src, max_len_a=0.0, max_len_b=3)
+    assert greedy == [[A, A, A], []]
+    assert model.rows_per_step == [2, 1, 1, 1]  # sentence B left the batch after step 0
+
+    model.rows_per_step.clear()
+    hyps = beam_search(model, src, beam_size=2, nbest=2, length_penalty=0.0, max_len_a=0.0, max_len_b=3)
+    # Sentence A: EOS ranks 2nd at every step, so "", "a" finish first; early stopping at 2.
+    assert [h.tokens for h in hyps[0]] == [[], [A]]
+    assert [h.log_prob for h in hyps[0]] == pytest.approx([math.log(0.3), math.log(0.7 * 0.3)])
+    assert [h.tokens for h in hyps[1]] == [[], [B]]
+    assert [h.log_prob for h in hyps[1]] == pytest.approx([math.log(0.6), math.log(0.4)])
+    assert model.rows_per_step == [4, 4]
+
+    # A single beam follows "a" to the maximum length, where EOS is forced: log p = 3 log .7 + log .3.
+    forced = beam_search(model, src[:1], beam_size=1, length_penalty=0.0, max_len_a=0.0, max_len_b=3)[0][0]
+    assert forced.tokens == [A, A, A]
+    assert forced.log_prob == pytest.approx(3 * math.log(0.7) + math.log(0.3))
