@@ -76,9 +76,107 @@ def _run_average(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- attention / positions (plots) -----------------------------------------------------------
+
+
+def _index_or(*words: str):
+    """argparse type: an int (layer / head index) or one of `words`."""
+
+    def parse(value: str) -> int | str:
+        if value in words:
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer or one of {words}, got {value!r}") from None
+
+    return parse
+
+
+def _add_attention(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("attention", help="plot the attention weights of one translation (PNG)",
+                       description="Translate SOURCE (or force --target) and plot its attention weights.")
+    p.add_argument("source", help="the source sentence")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--target", help="a given translation to score instead of the model's own (beam 4)")
+    p.add_argument("--out", required=True, help="PNG to write; with --kind all, OUT.cross.png etc.")
+    p.add_argument("--kind", choices=["cross", "encoder", "decoder", "all"], default="cross")
+    p.add_argument("--layer", type=_index_or("all"), default=-1, help="0-based layer, -1 = last, or 'all'")
+    p.add_argument("--head", type=_index_or("all", "mean"), default="all", help="0-based head, 'all' or 'mean'")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dpi", type=int, default=100)
+    p.set_defaults(handler=_run_attention)
+
+
+def _run_attention(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from aiayn.visualize import KINDS, plot_attention_result, require_matplotlib
+
+    try:
+        require_matplotlib()
+    except ImportError as error:
+        print(f"aiayn attention: error: {error}", file=sys.stderr)
+        return 2
+    from aiayn.translator import Translator
+
+    result = Translator.load(args.model, device=args.device).attention(args.source, args.target)
+    out = Path(args.out)
+    kinds = KINDS if args.kind == "all" else (args.kind,)
+    for kind in kinds:
+        path = out.with_suffix(f".{kind}{out.suffix or '.png'}") if args.kind == "all" else out
+        plot_attention_result(result, kind=kind, layer=args.layer, head=args.head, out=path, dpi=args.dpi)
+        print(path)
+    return 0
+
+
+def _add_positions(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("positions", help="plot a positional encoding table (PNG)",
+                       description="Plot the sinusoidal encoding, or a model's own (learned or sinusoidal).")
+    p.add_argument("--d-model", type=int, help="width of the sinusoidal table (default 512; not with --model)")
+    p.add_argument("--length", type=int, default=100, help="number of positions")
+    p.add_argument("--model", help="plot this model directory's encoding instead")
+    p.add_argument("--similarity", action="store_true", help="add the cosine similarity between positions")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--dpi", type=int, default=100)
+    p.set_defaults(handler=_run_positions)
+
+
+def _run_positions(args: argparse.Namespace) -> int:
+    from aiayn.visualize import plot_positional_encoding, require_matplotlib
+
+    try:
+        require_matplotlib()
+    except ImportError as error:
+        print(f"aiayn positions: error: {error}", file=sys.stderr)
+        return 2
+    if args.length < 1:
+        raise ValueError(f"--length must be >= 1, got {args.length}")
+    if args.model:
+        from aiayn.train import load_model
+
+        model, _, _ = load_model(args.model)
+        if args.d_model is not None and args.d_model != model.config.d_model:
+            raise ValueError(f"--d-model {args.d_model} differs from the model's d_model {model.config.d_model}")
+        kind = model.config.positional_encoding
+        table = model.positions.weight if kind == "learned" else model.positions.table  # [max_positions, E]
+        if args.length > table.size(0):
+            raise ValueError(f"--length {args.length} exceeds the model's max_positions {table.size(0)}")
+        title = f"{kind} positional encoding of {args.model}"
+    else:
+        from aiayn.model import sinusoidal_table
+
+        d_model = 512 if args.d_model is None else args.d_model
+        table = sinusoidal_table(args.length, d_model)
+        title = f"sinusoidal positional encoding, d_model = {d_model}"
+    print(plot_positional_encoding(table[: args.length], out=args.out, similarity=args.similarity,
+                                   title=title, dpi=args.dpi))
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------------
 
-_SUBCOMMANDS = [_add_train, _add_average]
+_SUBCOMMANDS = [_add_train, _add_average, _add_attention, _add_positions]
 
 
 def build_parser() -> argparse.ArgumentParser:
