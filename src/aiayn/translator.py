@@ -1,0 +1,199 @@
+"""Translating text with a trained model: batching, precision, alignment of input and output lines.
+
+`Translator.translate` is what the CLI, the evaluation and the web server call; `Translator.attention`
+returns every attention map of one sentence pair for plotting (`aiayn.visualize`).
+
+Shape legend: L layers, H heads, S source pieces, T target pieces + 1 (BOS / EOS).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from aiayn.search import beam_search
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class AttentionResult:
+    """All attention weights of one sentence pair (rows = queries, columns = keys)."""
+
+    source_tokens: list[str]  # source pieces: the columns of encoder self- and cross-attention
+    target_input_tokens: list[str]  # "<s>" + target pieces: the columns of decoder self-attention
+    target_tokens: list[str]  # target pieces + "</s>": the query rows of decoder self / cross (what each position predicts)
+    encoder_self: Tensor  # [L_enc, H, S, S] float32 cpu
+    decoder_self: Tensor  # [L_dec, H, T, T]
+    cross: Tensor  # [L_dec, H, T, S]
+    translation: str
+
+
+class Translator:
+    """A model and its tokenizer, ready to translate lists of sentences.
+
+    Args:
+        model: a `Transformer`; moved to `device` and put in eval mode.
+        tokenizer: the model's `Tokenizer`.
+        device: "cpu", "cuda", "cuda:1", ...
+        precision: "fp32", or "bf16" (torch.autocast; log-softmax and scores stay float32).
+        info: the model directory's info dict (e.g. "src_lang", "tgt_lang").
+    Raises:
+        ValueError: unknown precision.
+    """
+
+    def __init__(self, model, tokenizer, *, device: str | torch.device = "cpu", precision: str = "fp32",
+                 info: dict[str, Any] | None = None) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.precision = precision
+        self.info = dict(info or {})
+
+    @classmethod
+    def load(cls, model_dir: str | Path, *, device: str | torch.device = "cpu", precision: str = "fp32") -> "Translator":
+        """A Translator for a model directory written by `aiayn.train.save_model`."""
+        from aiayn.train import load_model
+
+        model, tokenizer, info = load_model(model_dir, device)
+        return cls(model, tokenizer, device=device, precision=precision, info=info)
+
+    @property
+    def max_source_len(self) -> int:
+        """Longest source (in pieces) the encoder can take: one position per piece."""
+        return self.model.config.max_positions
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _encode_source(self, ids: list[int], line_number: int) -> list[int]:
+        limit = self.max_source_len
+        if len(ids) > limit:
+            warnings.warn(
+                f"line {line_number}: {len(ids)} source pieces exceed the model's max_positions "
+                f"({limit}); translating only the first {limit}",
+                stacklevel=3,
+            )
+            ids = ids[:limit]
+        return ids
+
+    def translate(
+        self,
+        sentences: list[str],
+        *,
+        beam_size: int = 4,
+        length_penalty: float = 0.6,
+        max_len_a: float = 1.0,
+        max_len_b: int = 50,
+        batch_tokens: int = 4096,
+        nbest: int = 1,
+        return_scores: bool = False,
+        progress: bool = False,
+    ) -> list[str] | list[list[tuple[str, float]]]:
+        """Translate `sentences`; output i belongs to input i.
+
+        Sentences are sorted by length and grouped into batches of at most `batch_tokens` padded
+        source pieces (at least one sentence each), then put back in input order. An empty or
+        whitespace-only line gives "" (score 0.0). A source longer than max_positions pieces is
+        truncated with a warning naming its line number (1-based); outputs are capped at
+        max_positions - 1 pieces by the search.
+
+        Returns:
+            list[str] (best translations), or with nbest > 1 or return_scores, for each input a
+            list of (translation, length-normalised log-prob score), best first (one ("", 0.0)
+            entry for an empty line).
+        Raises:
+            ValueError: bad beam_size / nbest / length_penalty / batch_tokens.
+        """
+        if batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
+        if not 1 <= nbest <= beam_size:
+            raise ValueError(f"nbest must be in [1, beam_size={beam_size}], got {nbest}")
+        pad_id = self.model.config.pad_id
+        nonempty = [i for i, s in enumerate(sentences) if s.strip()]
+        encoded = self.tokenizer.encode_batch([sentences[i] for i in nonempty]) if nonempty else []
+        sources = {i: self._encode_source(ids, i + 1) for i, ids in zip(nonempty, encoded)}
+        results: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in sentences]
+        order = sorted(sources, key=lambda i: len(sources[i]), reverse=True)
+        progress_bar = None
+        if progress:
+            from tqdm import tqdm
+
+            progress_bar = tqdm(total=len(sentences), unit="sent", file=sys.stderr, dynamic_ncols=True)
+            progress_bar.update(len(sentences) - len(order))
+        start = 0
+        while start < len(order):
+            longest = max(len(sources[order[start]]), 1)  # sorted: the first is the longest
+            size = max(1, min(len(order) - start, batch_tokens // longest))
+            batch = order[start : start + size]
+            src_tokens = torch.full((len(batch), longest), pad_id, dtype=torch.long)  # [B, S]
+            for row, i in enumerate(batch):
+                src_tokens[row, : len(sources[i])] = torch.tensor(sources[i], dtype=torch.long)
+            with torch.inference_mode(), self._autocast():
+                hypotheses = beam_search(
+                    self.model, src_tokens.to(self.device), beam_size=beam_size, length_penalty=length_penalty,
+                    max_len_a=max_len_a, max_len_b=max_len_b, nbest=nbest,
+                )
+            for i, hyps in zip(batch, hypotheses):
+                texts = self.tokenizer.decode_batch([h.tokens for h in hyps])
+                results[i] = [(text, h.score) for text, h in zip(texts, hyps)]
+            if progress_bar is not None:
+                progress_bar.update(len(batch))
+            start += size
+        if progress_bar is not None:
+            progress_bar.close()
+        if nbest > 1 or return_scores:
+            return results
+        return [entries[0][0] for entries in results]
+
+    def attention(self, source: str, target: str | None = None) -> AttentionResult:
+        """Every attention map of one sentence pair, from the reference attention (need_weights).
+
+        With target=None the source is first translated (beam 4, length penalty 0.6) and the
+        weights are those of the model's own output. Teacher forcing: one decoder pass over
+        "<s>" + target, so row t of decoder / cross attention is the query that predicts
+        target_tokens[t].
+
+        Raises:
+            ValueError: empty source.
+        """
+        if not source.strip():
+            raise ValueError("attention needs a non-empty source sentence")
+        config = self.model.config
+        src_ids = self._encode_source(self.tokenizer.encode(source), 1)
+        src_tokens = torch.tensor([src_ids], dtype=torch.long, device=self.device)  # [1, S]
+        with torch.inference_mode(), self._autocast():
+            if target is None:
+                tgt_ids = beam_search(self.model, src_tokens, beam_size=4, length_penalty=0.6)[0][0].tokens
+            else:
+                tgt_ids = self.tokenizer.encode(target)[: config.max_positions - 1]
+            encoder_out = self.model.encode(src_tokens, need_weights=True)
+            tgt_input = torch.tensor([[config.bos_id] + tgt_ids], dtype=torch.long, device=self.device)  # [1, T]
+            decoder_out = self.model.decode(tgt_input, encoder_out, need_weights=True, project=False)
+
+        def stack(weights: list[Tensor]) -> Tensor:
+            return torch.stack([w[0] for w in weights]).float().cpu()  # L x [H, Q, K] -> [L, H, Q, K]
+
+        return AttentionResult(
+            source_tokens=self.tokenizer.pieces(src_ids),
+            target_input_tokens=self.tokenizer.pieces([config.bos_id] + tgt_ids),
+            target_tokens=self.tokenizer.pieces(tgt_ids + [config.eos_id]),
+            encoder_self=stack(encoder_out.self_attention),
+            decoder_self=stack(decoder_out.self_attention),
+            cross=stack(decoder_out.cross_attention),
+            translation=self.tokenizer.decode(tgt_ids),
+        )
+
+
+__all__ = ["Translator", "AttentionResult", "PRECISIONS"]

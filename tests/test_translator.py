@@ -1,0 +1,149 @@
+"""Translator and the `aiayn translate` command on a tiny random model saved to a directory."""
+
+import io
+import warnings
+
+import pytest
+import torch
+
+from aiayn import ModelConfig, Transformer
+from aiayn.cli import main
+from aiayn.data import read_parallel
+from aiayn.search import beam_search
+from aiayn.tokenizer import Tokenizer
+from aiayn.train import save_model
+from aiayn.translator import AttentionResult, Translator
+
+DATA = "/work/shared/data/multi30k"
+MAX_POSITIONS = 40
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    pairs = read_parallel(f"{DATA}/val.de.gz", f"{DATA}/val.en.gz")
+    tokenizer = Tokenizer.train(pairs.src[:300] + pairs.tgt[:300], vocab_size=300, num_threads=1)
+    torch.manual_seed(0)
+    config = ModelConfig.preset("tiny", vocab_size=tokenizer.vocab_size, max_positions=MAX_POSITIONS)
+    model = Transformer(config).eval()
+    directory = tmp_path_factory.mktemp("model")
+    save_model(model, tokenizer, directory, {"src_lang": "de", "tgt_lang": "en"})
+    return directory
+
+
+@pytest.fixture(scope="module")
+def translator(model_dir):
+    return Translator.load(model_dir)
+
+
+SENTENCES = [
+    "Ein Mann fährt Fahrrad.",
+    "",
+    "Zwei Hunde spielen im Schnee auf einer großen Wiese.",
+    "   ",
+    "Kinder.",
+    "Eine Frau in einem roten Kleid singt auf der Bühne.",
+]
+
+
+def test_translate_keeps_order_and_empty_lines(translator):
+    out = translator.translate(SENTENCES, beam_size=2, max_len_b=8)
+    assert len(out) == len(SENTENCES)
+    assert out[1] == "" and out[3] == ""
+    singles = [translator.translate([s], beam_size=2, max_len_b=8)[0] for s in SENTENCES]
+    assert out == singles
+    assert all(out[i] for i in (0, 2, 4, 5))  # the random model does say something
+    # One sentence per batch gives the same again (length sorting and unsorting are consistent).
+    assert translator.translate(SENTENCES, beam_size=2, max_len_b=8, batch_tokens=1) == out
+
+
+def test_translate_matches_beam_search_ids(translator):
+    sentence = SENTENCES[2]
+    ids = translator.tokenizer.encode(sentence)
+    hyps = beam_search(translator.model, torch.tensor([ids]), beam_size=3, nbest=3, max_len_b=6)[0]
+    scored = translator.translate([sentence], beam_size=3, nbest=3, max_len_b=6)[0]
+    assert [text for text, _ in scored] == [translator.tokenizer.decode(h.tokens) for h in hyps]
+    assert [score for _, score in scored] == pytest.approx([h.score for h in hyps])
+    assert [s for _, s in scored] == sorted((s for _, s in scored), reverse=True)
+    single = translator.translate([sentence, ""], beam_size=3, max_len_b=6, return_scores=True)
+    assert single[0] == [scored[0]] and single[1] == [("", 0.0)]
+
+
+def test_overlong_line_warns_and_is_truncated(translator):
+    long_line = " ".join(["Ein Mann mit einem Hut."] * 20)
+    assert len(translator.tokenizer.encode(long_line)) > MAX_POSITIONS
+    with pytest.warns(UserWarning, match=r"line 2: \d+ source pieces exceed"):
+        out = translator.translate(["Kinder.", long_line], beam_size=2, max_len_a=2.0, max_len_b=50)
+    assert len(out) == 2
+    # Output is capped at max_positions - 1 pieces even though a * S + b is far more.
+    assert len(translator.tokenizer.encode(out[1])) <= MAX_POSITIONS - 1 + 2  # re-encoding may merge / split a little
+    truncated = translator.tokenizer.decode(translator.tokenizer.encode(long_line)[:MAX_POSITIONS])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert translator.translate([truncated], beam_size=2, max_len_a=2.0, max_len_b=50) == out[1:]
+
+
+def test_translate_bf16_runs(model_dir):
+    bf16 = Translator.load(model_dir, precision="bf16")
+    out = bf16.translate(SENTENCES[:3], beam_size=2, max_len_b=5)
+    assert len(out) == 3 and out[1] == ""
+    with pytest.raises(ValueError, match="precision"):
+        Translator.load(model_dir, precision="fp8")
+
+
+def test_attention_shapes_and_rows_sum_to_one(translator):
+    config = translator.model.config
+    result = translator.attention("Ein Mann fährt Fahrrad.", "A man rides a bike.")
+    assert isinstance(result, AttentionResult)
+    src = translator.tokenizer.encode("Ein Mann fährt Fahrrad.")
+    tgt = translator.tokenizer.encode("A man rides a bike.")
+    S, T, H = len(src), len(tgt) + 1, config.n_heads
+    assert result.source_tokens == translator.tokenizer.pieces(src)
+    assert result.target_input_tokens[0] == "<s>" and result.target_tokens[-1] == "</s>"
+    assert result.target_input_tokens[1:] == result.target_tokens[:-1]
+    assert result.encoder_self.shape == (config.n_encoder_layers, H, S, S)
+    assert result.decoder_self.shape == (config.n_decoder_layers, H, T, T)
+    assert result.cross.shape == (config.n_decoder_layers, H, T, S)
+    for weights in (result.encoder_self, result.decoder_self, result.cross):
+        assert weights.dtype == torch.float32
+        assert torch.allclose(weights.sum(-1), torch.ones(weights.shape[:-1]), atol=1e-5)
+    # Decoder self-attention is causal: nothing above the diagonal.
+    assert result.decoder_self.triu(diagonal=1).abs().max() == 0
+    assert result.translation == translator.tokenizer.decode(tgt)
+
+
+def test_attention_of_own_translation(translator):
+    result = translator.attention("Zwei Hunde spielen.")
+    assert result.translation == translator.translate(["Zwei Hunde spielen."], beam_size=4)[0]
+    assert result.cross.shape[2] == len(result.target_tokens)
+    with pytest.raises(ValueError, match="non-empty"):
+        translator.attention("  ")
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+def test_cli_translate_stdin_stdout(model_dir, translator, monkeypatch, capsys):
+    text = "\n".join(SENTENCES) + "\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(text))
+    assert main(["translate", "--model", str(model_dir), "--beam", "2", "--max-len-b", "8"]) == 0
+    lines = capsys.readouterr().out.split("\n")
+    assert lines[-1] == ""  # trailing newline
+    assert lines[:-1] == translator.translate(SENTENCES, beam_size=2, max_len_b=8)
+
+
+def test_cli_translate_nbest_file(model_dir, translator, tmp_path, capsys):
+    source = tmp_path / "in.de"
+    source.write_text("Kinder.\n\nEin Hund.\n", encoding="utf-8")
+    output = tmp_path / "out.txt"
+    args = ["translate", "--model", str(model_dir), "--beam", "3", "--nbest", "2", "--max-len-b", "6",
+            "--input", str(source), "--output", str(output)]
+    assert main(args) == 0
+    lines = output.read_text(encoding="utf-8").splitlines()
+    expected = translator.translate(["Kinder.", "", "Ein Hund."], beam_size=3, nbest=2, max_len_b=6)
+    assert lines == [f"{i} ||| {text} ||| {score:.4f}" for i, entries in enumerate(expected) for text, score in entries]
+    assert [line.split(" ||| ")[0] for line in lines] == ["0", "0", "1", "2", "2"]
+
+
+def test_cli_translate_bad_model_dir(tmp_path, capsys):
+    assert main(["translate", "--model", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
