@@ -174,9 +174,117 @@ def _run_positions(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- translate / evaluate --------------------------------------------------------------------
+
+
+def _add_decode_options(p: argparse.ArgumentParser, *, model_required: bool = True) -> None:
+    p.add_argument("--model", required=model_required,
+                   help="model directory (from `aiayn train` or `aiayn average`)")
+    p.add_argument("--beam", type=int, default=4, help="beam size (paper: 4; 1 = greedy)")
+    p.add_argument("--length-penalty", type=float, default=0.6, help="GNMT alpha (paper: 0.6)")
+    p.add_argument("--max-len-a", type=float, default=1.0, help="max output length = a * source length + b")
+    p.add_argument("--max-len-b", type=int, default=50)
+    p.add_argument("--batch-tokens", type=int, default=4096, help="padded source pieces per batch")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+
+
+def _read_input_lines(path: str | None) -> list[str]:
+    """Lines of a file (plain or gzipped; empty lines kept) or of stdin."""
+    if path is not None and path != "-":
+        from aiayn.data import read_lines
+
+        return read_lines(path)
+    lines = sys.stdin.read().split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def _add_translate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("translate", help="translate text, one sentence per line",
+                       description="Translate line by line (stdin to stdout by default); an empty "
+                                   "line gives an empty line.")
+    _add_decode_options(p)
+    p.add_argument("--nbest", type=int, default=1,
+                   help="print K lines 'i ||| translation ||| score' per input line (i from 0)")
+    p.add_argument("--input", help="source file, plain or .gz (default: stdin)")
+    p.add_argument("--output", help="output file (default: stdout)")
+    p.set_defaults(handler=_run_translate)
+
+
+def _run_translate(args: argparse.Namespace) -> int:
+    from aiayn.translator import Translator
+
+    # Load first: a bad model directory is reported before anything waits on stdin.
+    translator = Translator.load(args.model, device=args.device, precision=args.precision)
+    lines = _read_input_lines(args.input)
+    results = translator.translate(
+        lines, beam_size=args.beam, length_penalty=args.length_penalty, max_len_a=args.max_len_a,
+        max_len_b=args.max_len_b, batch_tokens=args.batch_tokens, nbest=args.nbest,
+        return_scores=args.nbest > 1, progress=args.input not in (None, "-"),
+    )
+    if args.nbest > 1:
+        out = [f"{i} ||| {text} ||| {score:.4f}" for i, entries in enumerate(results) for text, score in entries]
+    else:
+        out = results
+    text = "".join(line + "\n" for line in out)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="BLEU / chrF / TER of a model (--model --src) or of a file (--hyp)",
+                       description="Score translations with sacreBLEU against references.")
+    _add_decode_options(p, model_required=False)
+    p.add_argument("--src", help="source file to translate (with --model), then score")
+    p.add_argument("--hyp", help="file of translations to score (instead of --model/--src)")
+    p.add_argument("--ref", required=True, help="reference file, one line per source line")
+    p.add_argument("--lowercase", action="store_true", help="also report case-insensitive BLEU")
+    p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    p.add_argument("--save-hyp", help="write the translations of --src to this file")
+    p.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from aiayn.data import read_lines
+    from aiayn.evaluate import format_scores, score
+
+    if (args.hyp is None) == (args.model is None):
+        raise ValueError("give either --hyp, or --model and --src")
+    if args.model is not None and args.src is None:
+        raise ValueError("--model needs --src (the source side of --ref)")
+    references = read_lines(args.ref)
+    if args.hyp is not None:
+        hypotheses = read_lines(args.hyp)
+    else:
+        from aiayn.translator import Translator
+
+        sources = read_lines(args.src)
+        if len(sources) != len(references):
+            raise ValueError(f"{args.src} has {len(sources)} lines but {args.ref} has {len(references)}")
+        translator = Translator.load(args.model, device=args.device, precision=args.precision)
+        hypotheses = translator.translate(
+            sources, beam_size=args.beam, length_penalty=args.length_penalty, max_len_a=args.max_len_a,
+            max_len_b=args.max_len_b, batch_tokens=args.batch_tokens, progress=True,
+        )
+        if args.save_hyp:
+            with open(args.save_hyp, "w", encoding="utf-8") as handle:
+                handle.write("".join(line + "\n" for line in hypotheses))
+    scores = score(hypotheses, references, lowercase=args.lowercase)
+    print(json.dumps(scores, indent=2) if args.json else format_scores(scores))
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------------
 
-_SUBCOMMANDS = [_add_train, _add_average, _add_attention, _add_positions]
+_SUBCOMMANDS = [_add_train, _add_average, _add_attention, _add_positions, _add_translate, _add_evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:
