@@ -174,6 +174,33 @@ def _run_positions(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- serve -----------------------------------------------------------------------------------
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="HTTP translation API and attention web page (needs aiayn[serve])",
+                       description="Serve a model over HTTP: POST /translate, POST /attention, GET /health, "
+                                   "GET /info, the page at /, OpenAPI docs at /docs.")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-sentences", type=int, default=32,
+                   help="most sentences merged into one model call (default 32)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long the worker waits for more requests to merge (default 5)")
+    p.add_argument("--no-batching", action="store_true", help="one model call per request (baseline)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from aiayn.server import serve
+
+    serve(args.model, host=args.host, port=args.port, max_batch_sentences=args.max_batch_sentences,
+          max_wait_ms=args.max_wait_ms, batching=not args.no_batching, device=args.device)
+    return 0
+
+
 # --- translate / evaluate --------------------------------------------------------------------
 
 
@@ -284,7 +311,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 # --- parser ----------------------------------------------------------------------------------
 
-_SUBCOMMANDS = [_add_train, _add_average, _add_attention, _add_positions, _add_translate, _add_evaluate]
+_SUBCOMMANDS = [_add_train, _add_average, _add_attention, _add_positions, _add_translate, _add_evaluate, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,129 @@
+"""The web page in headless Chromium: type, click Translate, see the translation and the heatmap.
+
+Needs the Debian package `chromium` (/usr/bin/chromium) and Playwright for Python (`pip install
+playwright`, part of the `dev` extra). Playwright's own browser download is never used; the test
+skips when either piece is missing. Set AIAYN_SCREENSHOT=path.png to keep a screenshot.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="serving needs the optional extra aiayn[serve]")
+httpx = pytest.importorskip("httpx", reason="the browser test needs httpx")
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="Playwright for Python is not installed"
+)
+
+from aiayn.config import ModelConfig
+from aiayn.data import read_parallel
+from aiayn.model import Transformer
+from aiayn.server import background_server, create_app
+from aiayn.tokenizer import Tokenizer
+from aiayn.train import save_model
+
+MULTI30K = Path("/work/shared/data/multi30k")
+CHROMIUM = os.environ.get("AIAYN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SENTENCE = "Zwei Hunde spielen im Schnee."
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory: pytest.TempPathFactory):
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"Chromium not found at {CHROMIUM} (Debian: apt-get install chromium)")
+    if not (MULTI30K / "val.de.gz").is_file():
+        pytest.skip(f"Multi30k validation data not found in {MULTI30K}")
+    import torch
+
+    from aiayn.translator import Translator
+
+    pairs = read_parallel(MULTI30K / "val.de.gz", MULTI30K / "val.en.gz")
+    tokenizer = Tokenizer.train(pairs.src[:300] + pairs.tgt[:300], vocab_size=300)
+    torch.manual_seed(0)
+    model = Transformer(
+        ModelConfig.preset("tiny", vocab_size=tokenizer.vocab_size, max_positions=512)
+    )
+    model_dir = save_model(
+        model,
+        tokenizer,
+        tmp_path_factory.mktemp("tiny-model"),
+        {"src_lang": "de", "tgt_lang": "en"},
+    )
+    with background_server(create_app(Translator.load(model_dir))) as url:
+        yield url
+
+
+def test_page_translates_and_draws_the_cross_attention_heatmap(
+    base_url: str, tmp_path: Path
+) -> None:
+    requested: list[str] = []
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.on("request", lambda request: requested.append(request.url))
+            page.goto(base_url + "/")
+            page.wait_for_function(
+                "document.getElementById('model').textContent.includes('parameters')"
+            )
+            assert "de \u2192 en" in page.text_content("#model")
+
+            page.fill("#source", SENTENCE)
+            page.click("#translate")
+            page.wait_for_selector("body[data-ready=true]", timeout=60_000)
+            translation = page.text_content("#translation")
+
+            with httpx.Client(base_url=base_url, timeout=60) as client:
+                expected = client.post("/translate", json={"text": SENTENCE}).json()[
+                    "translations"
+                ][0]
+                weights = client.post(
+                    "/attention", json={"text": SENTENCE, "target": translation}
+                ).json()
+            assert translation == expected
+            rows, cols = len(weights["target_tokens"]), len(weights["source_tokens"])
+            assert page.locator("#heatmap td.cell").count() == rows * cols
+            assert page.locator("#heatmap tbody th").all_text_contents() == weights["target_tokens"]
+            assert (
+                page.locator("#heatmap thead th").all_text_contents()[1:]
+                == weights["source_tokens"]
+            )
+
+            # Layer and head selectors: every decoder layer, every head plus the mean.
+            n_layers, n_heads = len(weights["cross"]), len(weights["cross"][0])
+            assert page.locator("#layer option").count() == n_layers
+            assert page.locator("#head option").count() == n_heads + 1
+            page.select_option("#layer", label="layer 1")
+            page.select_option("#head", label="head 2")  # labels count from 1, indices from 0
+            first_row = page.locator("#heatmap tbody tr").first.locator("td.cell")
+            titles = first_row.evaluate_all("cells => cells.map(c => c.title)")
+            shown = [float(title.rsplit(": ", 1)[1]) for title in titles]
+            assert shown == pytest.approx(weights["cross"][0][1][0], abs=1e-4)
+
+            # Encoder self-attention is source x source.
+            page.select_option("#kind", value="encoder_self")
+            assert page.locator("#heatmap td.cell").count() == cols * cols
+
+            page.select_option("#kind", value="cross")
+            screenshot = page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+            if os.environ.get("AIAYN_SCREENSHOT"):
+                Path(os.environ["AIAYN_SCREENSHOT"]).write_bytes(screenshot)
+        finally:
+            browser.close()
+    assert (tmp_path / "page.png").stat().st_size > 1000
+    outside = [url for url in requested if not url.startswith(base_url)]
+    assert not outside, f"the page loaded files from outside the server: {outside}"
