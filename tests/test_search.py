@@ -14,13 +14,16 @@ PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:
-    torch.manual_seed(0)
-    # A larger init scale than the default makes the random model's distributions peaked enough
-    # that greedy output is not dominated by near-ties, and long enough to exercise many steps.
-    model = Transformer(ModelConfig.preset("tiny", vocab_size=40, max_positions=64)).eval()
+    torch.manual_seed(1)
+    # A random model with tied embeddings just repeats one token (its own embedding scores
+    # highest), which would hide a broken cache. Untied, with a sharper output layer and a
+    # stronger EOS row, this one produces varied tokens and stops at varied lengths (some at the
+    # maximum, some earlier), so the tests below exercise both ways a hypothesis ends.
+    config = ModelConfig.preset("tiny", vocab_size=40, max_positions=64, share_embeddings=False)
+    model = Transformer(config).eval()
     with torch.no_grad():
-        model.src_embedding.weight.mul_(3.0)
-        model.src_embedding.weight[EOS].mul_(0.3)  # make EOS less likely: longer outputs
+        model.output_projection.weight.mul_(2.0)
+        model.output_projection.weight[EOS].mul_(1.5)
     return model
 
 
@@ -77,9 +80,11 @@ def test_beam_step_keeps_2k_candidates_sorted():
 
 
 def test_greedy_cached_equals_uncached(model):
-    src = sources([7, 4, 9])
+    src = sources([7, 4, 9], seed=4)
     out = greedy_search(model, src, max_len_a=1.0, max_len_b=10)
-    assert sum(len(o) for o in out) > 10  # not trivially empty
+    # Row 0 stops by EOS, rows 1 and 2 at their max lengths 4 + 10 and 9 + 10; tokens vary.
+    assert [len(o) for o in out] == [7, 14, 19]
+    assert len({token for row in out for token in row}) >= 8
     for row, length in enumerate([7, 4, 9]):
         expected = uncached_greedy(model, src[row : row + 1, :length], length + 10)
         assert out[row] == expected
@@ -114,6 +119,8 @@ def test_beam_batch_equals_single(model):
     lengths = [5, 12, 2, 8]
     src = sources(lengths, seed=5)
     batched = beam_search(model, src, beam_size=4, max_len_b=10, nbest=3)
+    lengths_found = {len(h.tokens) - (n + 10) for hyps, n in zip(batched, lengths) for h in hyps}
+    assert 0 in lengths_found and min(lengths_found) < -5  # EOS stops and max-length stops
     for i, n in enumerate(lengths):
         single = beam_search(model, src[i : i + 1, :n], beam_size=4, max_len_b=10, nbest=3)[0]
         assert [h.tokens for h in batched[i]] == [h.tokens for h in single]
