@@ -123,7 +123,8 @@ class Translator:
         pad_id = self.model.config.pad_id
         nonempty = [i for i, s in enumerate(sentences) if s.strip()]
         encoded = self.tokenizer.encode_batch([sentences[i] for i in nonempty]) if nonempty else []
-        sources = {i: self._encode_source(ids, i + 1) for i, ids in zip(nonempty, encoded)}
+        # A line that encodes to no pieces at all is treated like an empty line.
+        sources = {i: self._encode_source(ids, i + 1) for i, ids in zip(nonempty, encoded) if ids}
         results: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in sentences]
         order = sorted(sources, key=lambda i: len(sources[i]), reverse=True)
         progress_bar = None
