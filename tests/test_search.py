@@ -290,3 +290,12 @@ def test_scripted_max_length_forces_eos_and_done_rows_are_dropped():
     forced = beam_search(model, src[:1], beam_size=1, length_penalty=0.0, max_len_a=0.0, max_len_b=3)[0][0]
     assert forced.tokens == [A, A, A]
     assert forced.log_prob == pytest.approx(3 * math.log(0.7) + math.log(0.3))
+
+
+def test_greedy_reuses_given_encoder_output(model):
+    src = sources([5, 9, 3], seed=4)
+    encoder_out = model.encode(src)
+    assert greedy_search(model, src, max_len_b=6, encoder_out=encoder_out) == greedy_search(model, src, max_len_b=6)
+    # A wrong encoder output changes the result: the argument is really used.
+    other = model.encode(sources([5, 9, 3], seed=9))
+    assert greedy_search(model, src, max_len_b=6, encoder_out=other) != greedy_search(model, src, max_len_b=6)
