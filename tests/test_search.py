@@ -136,6 +136,7 @@ def test_beam_nbest_sorted_and_scores_consistent(model):
         assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
         assert len({tuple(h.tokens) for h in hyps}) == 5
         for h in hyps:
+            assert isinstance(h, Hypothesis) and EOS not in h.tokens and BOS not in h.tokens
             # log_prob is the model's probability of tokens + EOS, scored without the cache.
             target = torch.tensor([[BOS] + h.tokens])
             encoder_out = model.encode(src[row : row + 1])

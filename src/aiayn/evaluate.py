@@ -72,10 +72,13 @@ def score(hypotheses: list[str], references: list[str], *, lowercase: bool = Fal
 def format_scores(scores: dict[str, Any]) -> str:
     """Human-readable lines, one metric each, with its sacreBLEU signature."""
     precisions = "/".join(f"{p:.1f}" for p in scores["bleu_precisions"])
+    ratio = scores["hyp_length"] / max(scores["ref_length"], 1)
     lines = [
-        f"BLEU = {scores['bleu']:.2f} {precisions} (BP = {scores['bleu_brevity_penalty']:.3f} "
-        f"ratio = {scores['hyp_length'] / max(scores['ref_length'], 1):.3f} "
-        f"hyp_len = {scores['hyp_length']} ref_len = {scores['ref_length']})  {scores['bleu_signature']}",
+        (
+            f"BLEU = {scores['bleu']:.2f} {precisions} (BP = {scores['bleu_brevity_penalty']:.3f} "
+            f"ratio = {ratio:.3f} hyp_len = {scores['hyp_length']} ref_len = {scores['ref_length']})  "
+            f"{scores['bleu_signature']}"
+        ),
     ]
     if "bleu_lowercase" in scores:
         lines.append(f"BLEU (lowercased) = {scores['bleu_lowercase']:.2f}  {scores['bleu_lowercase_signature']}")
@@ -85,4 +88,4 @@ def format_scores(scores: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["bleu", "score", "format_scores"]
+__all__ = ["bleu", "format_scores", "score"]

@@ -47,7 +47,7 @@ class Hypothesis:
     log_prob: float
 
 
-def length_penalty(length: int | float, alpha: float) -> float:
+def length_penalty(length: float, alpha: float) -> float:
     """GNMT length penalty lp(Y) = ((5 + |Y|) / 6) ** alpha (Wu et al. 2016, eq. 14); alpha = 0 -> 1."""
     return ((5.0 + length) / 6.0) ** alpha
 

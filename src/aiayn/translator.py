@@ -60,7 +60,7 @@ class Translator:
         self.info = dict(info or {})
 
     @classmethod
-    def load(cls, model_dir: str | Path, *, device: str | torch.device = "cpu", precision: str = "fp32") -> "Translator":
+    def load(cls, model_dir: str | Path, *, device: str | torch.device = "cpu", precision: str = "fp32") -> Translator:
         """A Translator for a model directory written by `aiayn.train.save_model`."""
         from aiayn.train import load_model
 
@@ -197,4 +197,4 @@ class Translator:
         )
 
 
-__all__ = ["Translator", "AttentionResult", "PRECISIONS"]
+__all__ = ["PRECISIONS", "AttentionResult", "Translator"]
