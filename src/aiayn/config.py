@@ -143,4 +143,62 @@ class DecodeConfig:
         _check(self.max_len_b >= 0 and self.max_len_a >= 0, "max_len_a and max_len_b must be >= 0")
 
 
-__all__ = ["ModelConfig", "DecodeConfig", "MODEL_PRESETS", "PAD_ID", "UNK_ID", "BOS_ID", "EOS_ID"]
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping (paper section 5). Defaults are the paper's WMT settings."""
+
+    batch_tokens: int = 25000  # per batch: rows x max(padded source, padded target) length
+    accumulate: int = 1  # batches per update: reach 25k-token batches on one device
+    lr_scale: float = 1.0  # lrate = lr_scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
+    warmup_steps: int = 4000
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-9
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.1
+    clip_norm: float = 0.0  # 0 = no gradient clipping (the paper does not clip)
+    max_steps: int | None = None
+    max_epochs: float | None = None
+    max_minutes: float | None = None
+    max_sentence_tokens: int = 250  # longer training pairs are skipped (and counted)
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    device: str = "cpu"
+    seed: int = 1
+    threads: int | None = None
+    log_every: int = 50
+    eval_every: int = 1000  # validation loss + BLEU every N updates (0 = only at the end)
+    save_every: int = 1000  # checkpoint every N updates (and always at the end)
+    keep_last: int = 5  # checkpoints kept on disk (the paper averaged the last 5)
+    valid_beam: int = 1  # beam size for validation BLEU (1 = greedy, fast)
+    valid_max_sentences: int | None = None  # BLEU on a prefix of the validation set
+
+    def __post_init__(self) -> None:
+        for name in ("batch_tokens", "accumulate", "warmup_steps", "log_every", "keep_last", "valid_beam"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
+        _check(self.lr_scale > 0, f"lr_scale must be > 0, got {self.lr_scale}")
+        _check(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _check(self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}")
+        _check(self.device in ("cpu", "cuda"), f"device must be cpu or cuda, got {self.device!r}")
+        _check(self.clip_norm >= 0, f"clip_norm must be >= 0, got {self.clip_norm}")
+        _check(self.eval_every >= 0 and self.save_every >= 0, "eval_every and save_every must be >= 0")
+        for name in ("max_steps", "max_epochs", "max_minutes"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, f"{name} must be > 0, got {value!r}")
+
+    def replace(self, **overrides: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+__all__ = ["ModelConfig", "DecodeConfig", "TrainConfig", "MODEL_PRESETS", "PAD_ID", "UNK_ID", "BOS_ID", "EOS_ID"]

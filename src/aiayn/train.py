@@ -12,6 +12,7 @@ checkpoint behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -109,3 +110,603 @@ def load_model(
 def _unwrap(model: torch.nn.Module) -> Transformer:
     """The Transformer inside a DistributedDataParallel wrapper (or the model itself)."""
     return getattr(model, "module", model)
+
+
+# --- loss and schedule (section 5.3, 5.4) ------------------------------------------------------
+
+
+def label_smoothed_nll_loss(
+    logits: torch.Tensor, target: torch.Tensor, epsilon: float, ignore_index: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross entropy against (1 - eps) * one_hot(target) + eps * uniform(V) (section 5.4).
+
+    Args:
+        logits: [N, V]; target: [N]; positions whose target is `ignore_index` contribute nothing.
+    Returns:
+        (smoothed loss summed over tokens, plain NLL summed over tokens), both float32 scalars.
+    """
+    lprobs = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
+    nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # [N]
+    smooth = -lprobs.mean(dim=-1)  # [N]: cross entropy against the uniform distribution
+    loss = (1.0 - epsilon) * nll + epsilon * smooth
+    if ignore_index is not None:
+        keep = target != ignore_index
+        loss, nll = loss[keep], nll[keep]
+    return loss.sum(), nll.sum()
+
+
+def learning_rate(step: int, *, d_model: int, warmup_steps: int, scale: float = 1.0) -> float:
+    """lrate = scale * d_model^-0.5 * min(step^-0.5, step * warmup_steps^-1.5) (equation 3).
+
+    Rises linearly for `warmup_steps` updates, then decays with the inverse square root of the
+    step. `step` counts updates from 1.
+    """
+    step = max(step, 1)
+    return scale * d_model**-0.5 * min(step**-0.5, step * warmup_steps**-1.5)
+
+
+class TranslationLoss(torch.nn.Module):
+    """Teacher-forced label-smoothed loss of a batch, as one module so DistributedDataParallel
+    sees a single forward. Logits are computed only for non-padding target positions."""
+
+    def __init__(self, model: Transformer, *, label_smoothing: float) -> None:
+        super().__init__()
+        self.model = model
+        self.label_smoothing = label_smoothing
+
+    def forward(self, src_tokens: torch.Tensor, tgt_input: torch.Tensor, tgt_output: torch.Tensor):
+        """[B, S], [B, T], [B, T] -> (smoothed loss sum, nll sum) over non-padding targets."""
+        hidden = self.model.decode(tgt_input, self.model.encode(src_tokens), project=False).hidden  # [B, T, E]
+        keep = tgt_output != self.model.config.pad_id  # [B, T]
+        logits = self.model.logits(hidden[keep])  # [N, V]
+        return label_smoothed_nll_loss(logits, tgt_output[keep], self.label_smoothing)
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "state.pt"
+
+
+def checkpoint_paths(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (a checkpoint is complete once renamed)."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def save_checkpoint(run_dir: Path, model: Transformer, state: dict[str, Any], keep_last: int) -> Path:
+    """Write checkpoints/step_N/{model.safetensors, state.pt} via a temporary directory and one
+    rename, then delete all but the newest `keep_last`."""
+    root = run_dir / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{state['step']:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp_"))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_FILE))
+        torch.save(state, tmp / STATE_FILE)
+        if final.exists():  # the same step saved again (e.g. at the end of a run): replace it
+            old = root / f".old_{final.name}"
+            os.replace(final, old)
+            _remove_tree(old)
+        os.replace(tmp, final)
+    except BaseException:
+        _remove_tree(tmp)
+        raise
+    for stale in checkpoint_paths(run_dir)[:-keep_last]:
+        _remove_tree(stale)
+    return final
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def average_checkpoints(paths: list[Path]) -> dict[str, torch.Tensor]:
+    """Element-wise mean of the weights of several checkpoints (section 6.1: the last 5 / 20)."""
+    if not paths:
+        raise ValueError("no checkpoints to average")
+    total: dict[str, torch.Tensor] = {}
+    for path in paths:
+        weights = load_file(str(Path(path) / WEIGHTS_FILE if Path(path).is_dir() else path))
+        if total and weights.keys() != total.keys():
+            raise ValueError(f"{path} has different parameters from {paths[0]}")
+        for name, tensor in weights.items():
+            total[name] = total[name] + tensor.double() if name in total else tensor.double()
+    return {name: (tensor / len(paths)).float() for name, tensor in total.items()}
+
+
+def average_run(run_dir: str | Path, last: int, out_dir: str | Path) -> list[Path]:
+    """Average the newest `last` checkpoints of a run into a model directory `out_dir`."""
+    run_dir = Path(run_dir)
+    paths = checkpoint_paths(run_dir)[-last:]
+    if not paths:
+        raise FileNotFoundError(f"{run_dir / CHECKPOINT_DIR} holds no checkpoints")
+    config, info = read_model_config(run_dir)
+    model = Transformer(config)
+    model.load_state_dict(average_checkpoints(paths))
+    save_model(model, Tokenizer.load(run_dir), out_dir, {**info, "averaged": [p.name for p in paths]})
+    return paths
+
+
+# --- the training loop -----------------------------------------------------------------------
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def _distributed_context() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; starts the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() and os.environ.get(
+                "AIAYN_DEVICE", "cpu") == "cuda" else "gloo")
+    return rank, world, local_rank
+
+
+def _all_reduce(values: list[float], world: int) -> list[float]:
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _batch_stream(iterator):
+    while True:
+        yield from iterator
+
+
+def fit(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    train_corpus,
+    config,
+    out_dir: str | Path,
+    *,
+    valid_corpus=None,
+    valid_references: list[str] | None = None,
+    info: dict[str, Any] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train `model` on `train_corpus` (an `aiayn.data.TokenizedCorpus`) with `config` (TrainConfig).
+
+    Writes to `out_dir`: the model directory of the best validation BLEU (or of the last step when
+    there is no validation set), checkpoints/ (last `keep_last`), log.jsonl, train_config.json and
+    curves.png. With `resume`, continues from the newest checkpoint exactly where it stopped.
+    Under torchrun, each of the world's processes takes its share of every global batch.
+
+    Returns:
+        a summary dict: steps, epochs, best validation BLEU, elapsed seconds, tokens/s.
+    Raises:
+        TrainingDiverged: the loss became NaN / inf (the last good checkpoint is kept).
+        FileNotFoundError: `resume` without a checkpoint in `out_dir`.
+    """
+    import random
+    import time
+
+    import numpy as np
+
+    from aiayn.data import BatchIterator
+
+    out_dir = Path(out_dir)
+    rank, world, local_rank = _distributed_context()
+    is_main = rank == 0
+    device = torch.device(f"cuda:{local_rank}" if config.device == "cuda" else "cpu")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    info = info or {}
+
+    torch.manual_seed(config.seed + rank)
+    random.seed(config.seed + rank)
+    np.random.seed(config.seed + rank)
+    model.to(device).train()
+    criterion: torch.nn.Module = TranslationLoss(model, label_smoothing=config.label_smoothing)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        criterion = DistributedDataParallel(criterion, device_ids=[local_rank] if device.type == "cuda" else None)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=0.0, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+    )
+    iterator = BatchIterator(train_corpus, config.batch_tokens, shuffle=True, seed=config.seed)
+    step, best_bleu, elapsed_before = 0, float("-inf"), 0.0
+
+    if resume:
+        paths = checkpoint_paths(out_dir)
+        if not paths:
+            raise FileNotFoundError(f"--resume: no checkpoint in {out_dir / CHECKPOINT_DIR}")
+        latest = paths[-1]
+        model.load_state_dict(load_file(str(latest / WEIGHTS_FILE), device=str(device)))
+        state = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        iterator.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        step, best_bleu, elapsed_before = state["step"], state["best_bleu"], state["elapsed"]
+        if is_main:
+            print(f"resumed from {latest} (step {step}, epoch {iterator.epoch})", flush=True)
+    elif is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_model(model, tokenizer, out_dir, info)  # a loadable directory from the start
+        (out_dir / "log.jsonl").unlink(missing_ok=True)
+    if is_main:
+        _atomic_write_bytes(out_dir / "train_config.json", json.dumps(config.to_dict(), indent=2).encode())
+
+    log_file = open(out_dir / "log.jsonl", "a", encoding="utf-8") if is_main else None  # noqa: SIM115
+
+    def log(record: dict[str, Any]) -> None:
+        if log_file is not None:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+    def collect_rng() -> list[torch.Tensor]:
+        state = torch.get_rng_state()
+        if world == 1:
+            return [state]
+        import torch.distributed as dist
+
+        gathered = [torch.empty_like(state) for _ in range(world)]
+        dist.all_gather(gathered, state)
+        return gathered
+
+    def checkpoint() -> None:
+        rng = collect_rng()
+        if not is_main:
+            return
+        state = {
+            "step": step, "data": iterator.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng,
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "best_bleu": best_bleu, "elapsed": elapsed_before + (time.monotonic() - start),
+        }
+        save_checkpoint(out_dir, model, state, config.keep_last)
+
+    def epochs_done() -> float:
+        return iterator.epoch - 1 + iterator.position / len(iterator)
+
+    def validate() -> None:
+        nonlocal best_bleu
+        if not is_main or valid_corpus is None:
+            return
+        record = {"step": step, "epoch": round(epochs_done(), 3)}
+        record.update(evaluate_loss(model, valid_corpus, config, device))
+        if valid_references is not None:
+            record["valid_bleu"] = validation_bleu(model, tokenizer, valid_corpus, valid_references, config, device)
+            if record["valid_bleu"] > best_bleu:
+                best_bleu = record["valid_bleu"]
+                save_model(model, tokenizer, out_dir, {**info, "step": step, "valid_bleu": best_bleu})
+                record["best"] = True
+        log(record)
+        message = f"step {step}: valid loss {record['valid_loss']:.3f} ppl {record['valid_ppl']:.2f}"
+        if "valid_bleu" in record:
+            message += f" BLEU {record['valid_bleu']:.2f}" + (" (best)" if record.get("best") else "")
+        _print_above_bar(message)
+        model.train()
+
+    bar = None
+    if is_main and progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.max_steps, initial=step, unit="step", dynamic_ncols=True)
+
+    def _print_above_bar(message: str) -> None:
+        if bar is not None:
+            bar.write(message)
+        else:
+            print(message, flush=True)
+
+    d_model = model.config.d_model
+    per_update = config.accumulate * world
+    stream = _batch_stream(iterator)
+    start = time.monotonic()
+    window_tokens, window_loss, window_nll, window_start = 0.0, 0.0, 0.0, time.monotonic()
+    total_tokens = 0.0
+
+    def should_stop() -> bool:
+        minutes = (elapsed_before + time.monotonic() - start) / 60
+        return bool(
+            (config.max_steps is not None and step >= config.max_steps)
+            or (config.max_epochs is not None and epochs_done() >= config.max_epochs)
+            or (config.max_minutes is not None and minutes >= config.max_minutes)
+        )
+
+    try:
+        while not should_stop():
+            group = [next(stream) for _ in range(per_update)]  # every rank walks the same batches
+            mine = group[rank * config.accumulate : (rank + 1) * config.accumulate]
+            local_tokens = float(sum(b.num_tgt_tokens for b in mine))
+            global_tokens = _all_reduce([local_tokens], world)[0]
+            lr = learning_rate(step + 1, d_model=d_model, warmup_steps=config.warmup_steps, scale=config.lr_scale)
+            for group_ in optimizer.param_groups:
+                group_["lr"] = lr
+            loss_sum = nll_sum = 0.0
+            for i, batch in enumerate(mine):
+                batch = batch.to(device)
+                sync = world == 1 or i == len(mine) - 1
+                no_sync = contextlib.nullcontext() if sync else criterion.no_sync()
+                with no_sync:
+                    with _autocast(device, config.precision):
+                        loss, nll = criterion(batch.src_tokens, batch.tgt_input, batch.tgt_output)
+                    # DDP averages gradients over processes; scaling by world / global tokens
+                    # makes the update the per-token mean over the whole global batch.
+                    (loss * (world / global_tokens)).backward()
+                loss_sum += loss.item()
+                nll_sum += nll.item()
+            loss_sum, nll_sum = _all_reduce([loss_sum, nll_sum], world)
+            if not (np.isfinite(loss_sum) and np.isfinite(nll_sum)):
+                last = checkpoint_paths(out_dir)
+                raise TrainingDiverged(
+                    f"loss became {loss_sum / global_tokens} at step {step + 1} (lr {lr:.3g}); "
+                    f"stopping. Last good checkpoint: {last[-1] if last else 'none'}. "
+                    "Try a lower --lr-scale, a longer warmup, --set clip_norm=1.0 or fp32."
+                )
+            if config.clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_tokens += global_tokens
+            total_tokens += global_tokens
+            window_loss += loss_sum
+            window_nll += nll_sum
+
+            if step % config.log_every == 0 or should_stop():
+                now = time.monotonic()
+                record = {
+                    "step": step, "epoch": round(epochs_done(), 3), "loss": window_loss / window_tokens,
+                    "nll": window_nll / window_tokens, "ppl": float(np.exp(min(window_nll / window_tokens, 50))),
+                    "lr": lr, "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                    "elapsed_s": round(elapsed_before + now - start, 1),
+                }
+                log(record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                    ep=f"{record['epoch']:.1f}", min=f"{record['elapsed_s'] / 60:.1f}")
+                window_tokens = window_loss = window_nll = 0.0
+                window_start = now
+            if bar is not None:
+                bar.update(1)
+            if config.eval_every and step % config.eval_every == 0 and not should_stop():
+                validate()
+            if config.save_every and step % config.save_every == 0 and not should_stop():
+                checkpoint()
+        validate()
+        checkpoint()
+    finally:
+        if bar is not None:
+            bar.close()
+        if log_file is not None:
+            log_file.close()
+    elapsed = elapsed_before + time.monotonic() - start
+    if is_main:
+        if valid_corpus is None or valid_references is None:
+            save_model(model, tokenizer, out_dir, {**info, "step": step})
+        plot_curves(out_dir / "log.jsonl", out_dir / "curves.png")
+    return {
+        "steps": step, "epochs": epochs_done(), "best_valid_bleu": best_bleu if best_bleu > float("-inf") else None,
+        "elapsed_s": elapsed, "tokens_per_s": total_tokens / max(time.monotonic() - start, 1e-9),
+    }
+
+
+@torch.no_grad()
+def evaluate_loss(model: Transformer, corpus, config, device: torch.device) -> dict[str, float]:
+    """Validation loss (label-smoothed, as trained) and perplexity (from the plain NLL)."""
+    import math
+
+    from aiayn.data import BatchIterator
+
+    model.eval()
+    criterion = TranslationLoss(model, label_smoothing=config.label_smoothing)
+    loss_sum = nll_sum = tokens = 0.0
+    for batch in BatchIterator(corpus, config.batch_tokens, shuffle=False):
+        batch = batch.to(device)
+        with _autocast(device, config.precision):
+            loss, nll = criterion(batch.src_tokens, batch.tgt_input, batch.tgt_output)
+        loss_sum += loss.item()
+        nll_sum += nll.item()
+        tokens += batch.num_tgt_tokens
+    return {"valid_loss": loss_sum / tokens, "valid_nll": nll_sum / tokens, "valid_ppl": math.exp(min(nll_sum / tokens, 50))}
+
+
+@torch.no_grad()
+def validation_bleu(model: Transformer, tokenizer: Tokenizer, corpus, references: list[str], config, device) -> float:
+    """sacreBLEU of greedy (or beam `valid_beam`) translations of the validation sources."""
+    import sacrebleu
+
+    from aiayn.data import BatchIterator
+    from aiayn.search import beam_search, greedy_search
+
+    model.eval()
+    count = len(corpus) if config.valid_max_sentences is None else min(len(corpus), config.valid_max_sentences)
+    hypotheses: dict[int, str] = {}
+    for batch in BatchIterator(corpus, min(config.batch_tokens, 8192), shuffle=False):
+        rows = [r for r, index in enumerate(batch.indices) if index < count]
+        if not rows:
+            continue
+        src = batch.src_tokens[rows].to(device)
+        with _autocast(device, config.precision):
+            if config.valid_beam == 1:
+                outputs = greedy_search(model, src)
+            else:
+                outputs = [hyps[0].tokens for hyps in beam_search(model, src, beam_size=config.valid_beam)]
+        for row, tokens in zip(rows, outputs):
+            hypotheses[batch.indices[row]] = tokenizer.decode(tokens)
+    ordered = [hypotheses[i] for i in range(count)]
+    return sacrebleu.corpus_bleu(ordered, [references[:count]]).score
+
+
+def plot_curves(log_path: Path, png_path: Path) -> Path | None:
+    """Training loss and validation loss / BLEU against updates, as a PNG (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'aiayn[viz]'): no curves.png", flush=True)
+        return None
+    records = [json.loads(line) for line in Path(log_path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    train = [r for r in records if "loss" in r]
+    valid = [r for r in records if "valid_loss" in r]
+    bleu = [r for r in records if "valid_bleu" in r]
+    fig, (ax_loss, ax_bleu) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train (smoothed)")
+    ax_loss.plot([r["step"] for r in valid], [r["valid_loss"] for r in valid], "o-", label="validation (smoothed)")
+    ax_loss.set_xlabel("update")
+    ax_loss.set_ylabel("loss (nats / token)")
+    ax_loss.legend()
+    ax_bleu.plot([r["step"] for r in bleu], [r["valid_bleu"] for r in bleu], "o-", color="tab:green")
+    ax_bleu.set_xlabel("update")
+    ax_bleu.set_ylabel("validation BLEU")
+    fig.tight_layout()
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
+
+
+# --- command line ----------------------------------------------------------------------------
+
+_STOPPING = {"max_steps": "max_steps", "max_epochs": "max_epochs", "max_minutes": "max_minutes"}
+_FLAGS = {
+    "batch_tokens": "batch_tokens", "accumulate": "accumulate", "lr_scale": "lr_scale",
+    "warmup_steps": "warmup_steps", "precision": "precision", "device": "device", "seed": "seed",
+    "threads": "threads", **_STOPPING,
+}
+
+
+def _key_values(pairs: list[str], option: str) -> dict[str, Any]:
+    import yaml
+
+    values = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{option} expects KEY=VALUE, got {pair!r}")
+        values[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return values
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """A YAML recipe: keys data, data_dir, preset, vocab_size, model: {...}, train: {...}."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: invalid YAML: {error}") from error
+    allowed = {"data", "data_dir", "preset", "vocab_size", "model", "train", "description"}
+    unknown = sorted(set(recipe) - allowed)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; allowed: {sorted(allowed)}")
+    return recipe
+
+
+def train_from_args(args) -> dict[str, Any]:
+    """`aiayn train`: resolve data, tokenizer, model and train config, then `fit`."""
+    from aiayn.config import TrainConfig
+    from aiayn.data import encode_parallel, multi30k_paths, parse_data_spec, read_parallel
+
+    recipe = load_recipe(args.config) if args.config else {}
+    out_dir = Path(args.out)
+    rank, world, _ = _distributed_context()
+    flags = {field: getattr(args, flag) for flag, field in _FLAGS.items() if getattr(args, flag, None) is not None}
+
+    if args.resume:
+        saved = out_dir / "train_config.json"
+        if not saved.is_file():
+            raise FileNotFoundError(f"--resume: {saved} is missing (was {out_dir} written by aiayn train?)")
+        train_config = TrainConfig.from_dict(json.loads(saved.read_text()))
+        # Only the stopping rules may change on resume; everything else must match the run.
+        train_config = train_config.replace(**{k: v for k, v in flags.items() if k in _STOPPING})
+    else:
+        train_values = {**recipe.get("train", {}), **_key_values(args.set, "--set"), **flags}
+        train_config = TrainConfig.from_dict(train_values)
+
+    spec = args.data or recipe.get("data")
+    data_dir = args.data_dir or recipe.get("data_dir")
+    if spec:
+        _, src_lang, tgt_lang = parse_data_spec(spec)
+        train_paths = multi30k_paths(src_lang, tgt_lang, "train", data_dir)
+        valid_paths = multi30k_paths(src_lang, tgt_lang, "val", data_dir)
+    else:
+        if not (args.train_src and args.train_tgt):
+            raise ValueError("give --data multi30k:SRC-TGT or both --train-src and --train-tgt")
+        train_paths = (args.train_src, args.train_tgt)
+        valid_paths = (args.valid_src, args.valid_tgt) if args.valid_src and args.valid_tgt else None
+        src_lang = Path(args.train_src).name.split(".")[-1 if not args.train_src.endswith(".gz") else -2]
+        tgt_lang = Path(args.train_tgt).name.split(".")[-1 if not args.train_tgt.endswith(".gz") else -2]
+    is_main = rank == 0
+
+    def say(message: str) -> None:
+        if is_main:
+            print(message, flush=True)
+
+    train_text = read_parallel(*train_paths)
+    say(f"train: {len(train_text)} pairs from {train_paths[0]} / {train_paths[1]} "
+        f"(skipped {train_text.skipped_empty} with an empty side)")
+    valid_text = read_parallel(*valid_paths) if valid_paths else None
+
+    if args.resume:
+        model_config, _ = read_model_config(out_dir)
+        tokenizer = Tokenizer.load(out_dir)
+    else:
+        preset = args.preset or recipe.get("preset") or "small"
+        model_overrides = {**recipe.get("model", {}), **_key_values(args.model, "--model")}
+        vocab_size = args.vocab_size or recipe.get("vocab_size") or ModelConfig.preset(preset).vocab_size
+        if is_main:
+            tokenizer = Tokenizer.train(train_text.src + train_text.tgt, vocab_size=vocab_size)
+            tokenizer.save(out_dir)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        if not is_main:
+            tokenizer = Tokenizer.load(out_dir)
+        model_config = ModelConfig.preset(preset, **{**model_overrides, "vocab_size": tokenizer.vocab_size})
+        say(f"joint BPE vocabulary: {tokenizer.vocab_size} pieces; model preset {preset!r}")
+
+    train_corpus = encode_parallel(tokenizer, train_text, train_config.max_sentence_tokens)
+    say(f"train: {len(train_corpus)} pairs tokenized, {train_corpus.skipped_too_long} skipped as longer than "
+        f"{train_config.max_sentence_tokens} tokens")
+    valid_corpus = references = None
+    if valid_text is not None:
+        valid_corpus = encode_parallel(tokenizer, valid_text, model_config.max_positions - 1)
+        by_line = dict(zip(valid_text.line_numbers, valid_text.tgt))
+        references = [by_line[n] for n in valid_corpus.line_numbers]
+        say(f"valid: {len(valid_corpus)} pairs")
+
+    torch.manual_seed(train_config.seed)
+    model = Transformer(model_config)
+    say(f"model: {model.num_parameters() / 1e6:.2f}M parameters; training on {train_config.device} "
+        f"({train_config.precision}), {world} process(es)")
+    summary = fit(
+        model, tokenizer, train_corpus, train_config, out_dir, valid_corpus=valid_corpus,
+        valid_references=references, info={"src_lang": src_lang, "tgt_lang": tgt_lang, "data": spec},
+        resume=args.resume, progress=not args.no_progress,
+    )
+    say(json.dumps({"summary": summary}))
+    return summary

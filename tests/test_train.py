@@ -1,0 +1,291 @@
+"""Training: loss, schedule, exact resume, checkpoint averaging, DDP equivalence, end to end."""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from aiayn import ModelConfig, Transformer
+from aiayn.config import TrainConfig
+from aiayn.data import encode_parallel, read_parallel
+from aiayn.tokenizer import Tokenizer
+from aiayn.train import (
+    TrainingDiverged,
+    average_checkpoints,
+    checkpoint_paths,
+    fit,
+    label_smoothed_nll_loss,
+    learning_rate,
+    load_model,
+)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- loss and schedule ----------------------------------------------------------------------
+
+
+def test_label_smoothing_zero_is_nll_and_padding_is_ignored():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 11)
+    target = torch.tensor([3, 5, 0, 7, 0, 1])
+    loss, nll = label_smoothed_nll_loss(logits, target, 0.0, ignore_index=0)
+    expected = torch.nn.functional.cross_entropy(logits, target, ignore_index=0, reduction="sum")
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert nll.item() == pytest.approx(expected.item(), rel=1e-6)
+    # Changing the logits of padded positions changes nothing.
+    changed = logits.clone()
+    changed[target == 0] = torch.randn(2, 11) * 100
+    assert label_smoothed_nll_loss(changed, target, 0.1, ignore_index=0)[0].item() == pytest.approx(
+        label_smoothed_nll_loss(logits, target, 0.1, ignore_index=0)[0].item(), rel=1e-6
+    )
+
+
+def test_label_smoothing_matches_the_smoothed_distribution():
+    torch.manual_seed(1)
+    logits = torch.randn(4, 9)
+    target = torch.tensor([1, 2, 3, 4])
+    eps = 0.1
+    q = torch.full((4, 9), eps / 9)
+    q[torch.arange(4), target] += 1 - eps
+    expected = -(q * torch.log_softmax(logits, -1)).sum()
+    assert label_smoothed_nll_loss(logits, target, eps)[0].item() == pytest.approx(expected.item(), rel=1e-6)
+    builtin = torch.nn.functional.cross_entropy(logits, target, label_smoothing=eps, reduction="sum")
+    assert expected.item() == pytest.approx(builtin.item(), rel=1e-6)
+
+
+def test_learning_rate_schedule_values():
+    # Paper base: d_model 512, warmup 4000 -> peak 512^-0.5 * 4000^-0.5 = 6.988e-4 at step 4000.
+    assert learning_rate(4000, d_model=512, warmup_steps=4000) == pytest.approx(6.9877e-4, rel=1e-4)
+    assert learning_rate(1, d_model=512, warmup_steps=4000) == pytest.approx(512**-0.5 * 4000**-1.5, rel=1e-9)
+    assert learning_rate(2000, d_model=512, warmup_steps=4000) == pytest.approx(3.4939e-4, rel=1e-4)
+    assert learning_rate(16000, d_model=512, warmup_steps=4000) == pytest.approx(3.4939e-4, rel=1e-4)
+    assert learning_rate(100, d_model=256, warmup_steps=800, scale=0.7) == pytest.approx(
+        0.7 / 16 * 100 * 800**-1.5, rel=1e-9
+    )
+
+
+def test_train_config_validation():
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp16")
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        TrainConfig.from_dict({"batch_token": 10})
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainConfig(max_steps=0)
+
+
+def test_average_checkpoints_of_known_state_dicts(tmp_path):
+    a = {"w": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([[0.0, 4.0]])}
+    b = {"w": torch.tensor([3.0, 2.0, -1.0]), "b": torch.tensor([[2.0, 0.0]])}
+    for name, state in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        save_file(state, str(tmp_path / name / "model.safetensors"))
+    averaged = average_checkpoints([tmp_path / "a", tmp_path / "b"])
+    assert torch.equal(averaged["w"], torch.tensor([2.0, 2.0, 1.0]))
+    assert torch.equal(averaged["b"], torch.tensor([[1.0, 2.0]]))
+    with pytest.raises(ValueError):
+        average_checkpoints([])
+
+
+# --- fit ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    if not DATA.is_dir():
+        pytest.skip(f"Multi30k not found at {DATA}")
+    text = read_parallel(DATA / "val.de.gz", DATA / "val.en.gz")
+    text.src, text.tgt, text.line_numbers = text.src[:300], text.tgt[:300], text.line_numbers[:300]
+    tokenizer = Tokenizer.train(text.src + text.tgt, vocab_size=300)
+    return tokenizer, encode_parallel(tokenizer, text, 64), text
+
+
+def _config(**overrides) -> TrainConfig:
+    values = dict(batch_tokens=600, lr_scale=1.0, warmup_steps=4, max_steps=6, log_every=1, eval_every=0,
+                  save_every=3, keep_last=3, seed=3, threads=1)
+    return TrainConfig(**{**values, **overrides})
+
+
+def _model(tokenizer, **overrides) -> Transformer:
+    torch.manual_seed(0)
+    values = {"vocab_size": tokenizer.vocab_size, "dropout": 0.1, **overrides}
+    return Transformer(ModelConfig.preset("tiny", **values))
+
+
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "model.safetensors"))
+
+
+def test_resume_after_interrupt_is_exact(tmp_path, corpus):
+    tokenizer, train, _ = corpus
+    fit(_model(tokenizer), tokenizer, train, _config(), tmp_path / "straight", progress=False)
+    # "Killed" after step 3: a run that stops there, then a fresh process state that resumes.
+    fit(_model(tokenizer), tokenizer, train, _config(max_steps=3), tmp_path / "resumed", progress=False)
+    torch.manual_seed(12345)  # the resumed run must not depend on the caller's RNG
+    summary = fit(_model(tokenizer), tokenizer, train, _config(), tmp_path / "resumed", resume=True, progress=False)
+    assert summary["steps"] == 6
+    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert (straight[name] - resumed[name]).abs().max().item() <= 1e-6, name
+    # The check is not vacuous: the weights moved away from the initialisation.
+    initial = _model(tokenizer).state_dict()
+    assert max((straight[n] - initial[n]).abs().max().item() for n in straight) > 1e-3
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoints_kept_and_model_directory_loads(tmp_path, corpus):
+    tokenizer, train, _ = corpus
+    fit(_model(tokenizer), tokenizer, train, _config(max_steps=8, save_every=2, keep_last=2), tmp_path, progress=False)
+    assert [p.name for p in checkpoint_paths(tmp_path)] == ["step_00000006", "step_00000008"]
+    assert not any(p.name.startswith(".tmp") for p in (tmp_path / "checkpoints").iterdir())
+    model, loaded_tokenizer, info = load_model(tmp_path)
+    assert loaded_tokenizer.vocab_size == tokenizer.vocab_size
+    assert info["step"] == 8
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    weights = _weights(tmp_path / "checkpoints" / "step_00000008")
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+def test_nan_loss_stops_with_clear_message(tmp_path, corpus, monkeypatch):
+    tokenizer, train, _ = corpus
+    fit(_model(tokenizer), tokenizer, train, _config(max_steps=3), tmp_path, progress=False)
+    import aiayn.train as train_module
+
+    original = train_module.label_smoothed_nll_loss
+
+    def poisoned(logits, target, epsilon, ignore_index=None):
+        loss, nll = original(logits, target, epsilon, ignore_index)
+        return loss * float("nan"), nll
+
+    monkeypatch.setattr(train_module, "label_smoothed_nll_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 4.*step_00000003"):
+        fit(_model(tokenizer), tokenizer, train, _config(max_steps=6), tmp_path, resume=True, progress=False)
+    assert [p.name for p in checkpoint_paths(tmp_path)] == ["step_00000003"]
+
+
+def test_validation_writes_bleu_and_keeps_best(tmp_path, corpus):
+    tokenizer, train, text = corpus
+    config = _config(max_steps=4, eval_every=2, valid_max_sentences=20)
+    summary = fit(_model(tokenizer), tokenizer, train, config, tmp_path, valid_corpus=train,
+                  valid_references=text.tgt, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    bleus = [r["valid_bleu"] for r in records if "valid_bleu" in r]
+    assert len(bleus) == 2 and summary["best_valid_bleu"] == pytest.approx(max(bleus))
+    assert all(math.isfinite(r["valid_loss"]) for r in records if "valid_loss" in r)
+
+
+# --- distributed ----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+DDP_WORKER = r"""
+import os, sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_train import _config, _model
+from aiayn.data import encode_parallel, read_parallel
+from aiayn.tokenizer import Tokenizer
+from aiayn.train import fit
+tokenizer = Tokenizer.load(sys.argv[2])
+text = read_parallel(sys.argv[3] + "/val.de.gz", sys.argv[3] + "/val.en.gz")
+text.src, text.tgt, text.line_numbers = text.src[:300], text.tgt[:300], text.line_numbers[:300]
+train = encode_parallel(tokenizer, text, 64)
+fit(_model(tokenizer, dropout=0.0), tokenizer, train, _config(accumulate=int(sys.argv[5]), save_every=0),
+    sys.argv[4], progress=False)
+import torch.distributed as dist
+if dist.is_initialized():
+    dist.destroy_process_group()
+"""
+
+
+def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path, corpus):
+    """2 gloo processes x 1 batch == 1 process accumulating 2 batches (the same global batch)."""
+    tokenizer, _, _ = corpus
+    tokenizer.save(tmp_path)
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER)
+    common = [sys.executable, str(script), str(ROOT / "tests"), str(tmp_path), str(DATA)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([*common, str(tmp_path / "single"), "2"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert single.returncode == 0, single.stderr
+    port = _free_port()
+    workers = [
+        subprocess.Popen(
+            [*common, str(tmp_path / "ddp"), "1"],
+            env={**env, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for rank in range(2)
+    ]
+    for worker in workers:
+        _, stderr = worker.communicate(timeout=300)
+        assert worker.returncode == 0, stderr
+    single_w, ddp_w = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
+    for name in single_w:
+        assert (single_w[name] - ddp_w[name]).abs().max().item() < 1e-5, name
+    initial = _model(tokenizer, dropout=0.0).state_dict()
+    assert max((single_w[n] - initial[n]).abs().max().item() for n in single_w) > 1e-3
+
+
+# --- command line end to end ----------------------------------------------------------------
+
+
+def test_cli_train_translate_evaluate_end_to_end(tmp_path, capsys):
+    """fairseq test_binaries style: train a tiny model from text files, average, translate, score."""
+    from aiayn.cli import main
+
+    if not DATA.is_dir():
+        pytest.skip(f"Multi30k not found at {DATA}")
+    text = read_parallel(DATA / "val.de.gz", DATA / "val.en.gz")
+    for split, rows in (("train", slice(0, 400)), ("valid", slice(400, 440))):
+        (tmp_path / f"{split}.de").write_text("\n".join(text.src[rows]) + "\n", encoding="utf-8")
+        (tmp_path / f"{split}.en").write_text("\n".join(text.tgt[rows]) + "\n", encoding="utf-8")
+    out = tmp_path / "model"
+    code = main([
+        "train", "--train-src", str(tmp_path / "train.de"), "--train-tgt", str(tmp_path / "train.en"),
+        "--valid-src", str(tmp_path / "valid.de"), "--valid-tgt", str(tmp_path / "valid.en"),
+        "--preset", "tiny", "--vocab-size", "300", "--out", str(out), "--max-steps", "6",
+        "--batch-tokens", "800", "--set", "eval_every=3", "--set", "save_every=2", "--threads", "1",
+        "--no-progress",
+    ])
+    assert code == 0
+    assert main(["average", "--run", str(out), "--last", "2", "--out", str(tmp_path / "avg")]) == 0
+    assert main(["translate", "--model", str(tmp_path / "avg"), "--beam", "2",
+                 "--input", str(tmp_path / "valid.de"), "--output", str(tmp_path / "hyp.en")]) == 0
+    hyps = (tmp_path / "hyp.en").read_text(encoding="utf-8").splitlines()
+    assert len(hyps) == 40
+    capsys.readouterr()
+    assert main(["evaluate", "--hyp", str(tmp_path / "hyp.en"), "--ref", str(tmp_path / "valid.en"), "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert 0.0 <= scores["bleu"] <= 100.0 and scores["sentences"] == 40
+
+
+def test_cli_bad_input_is_one_line_error(tmp_path, capsys):
+    from aiayn.cli import main
+
+    (tmp_path / "a.de").write_text("eins\nzwei\n", encoding="utf-8")
+    (tmp_path / "a.en").write_text("one\n", encoding="utf-8")
+    code = main(["train", "--train-src", str(tmp_path / "a.de"), "--train-tgt", str(tmp_path / "a.en"),
+                 "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "a.de" in err and "a.en" in err and "2" in err and "1" in err
+    assert "Traceback" not in err
+    assert main(["train", "--data", "multi30k:de-xx", "--out", str(tmp_path / "o")]) == 2
+    assert "xx" in capsys.readouterr().err
