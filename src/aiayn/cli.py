@@ -339,8 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"aiayn {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, KeyError, RuntimeError) as error:
-        # DataError is a ValueError; missing files are OSErrors. One line, no traceback.
+    except (ValueError, OSError, KeyError, RuntimeError, ImportError) as error:
+        # DataError is a ValueError; missing files are OSErrors; a missing optional extra is an
+        # ImportError whose message says what to install. One line, no traceback.
         print(f"aiayn {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -251,7 +251,8 @@ class Transformer(nn.Module):
         self.output_projection = (
             None if c.share_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
         )
-        positional = SinusoidalPositionalEncoding if c.positional_encoding == "sinusoidal" else LearnedPositionalEncoding
+        learned = c.positional_encoding == "learned"
+        positional = LearnedPositionalEncoding if learned else SinusoidalPositionalEncoding
         self.positions = positional(d_model=c.d_model, max_positions=c.max_positions)
         self.embed_dropout = nn.Dropout(c.dropout)  # section 5.4: dropout on embeddings + positions
         layer_args = dict(

@@ -525,7 +525,8 @@ def evaluate_loss(model: Transformer, corpus, config, device: torch.device) -> d
         loss_sum += loss.item()
         nll_sum += nll.item()
         tokens += batch.num_tgt_tokens
-    return {"valid_loss": loss_sum / tokens, "valid_nll": nll_sum / tokens, "valid_ppl": math.exp(min(nll_sum / tokens, 50))}
+    nll = nll_sum / tokens
+    return {"valid_loss": loss_sum / tokens, "valid_nll": nll, "valid_ppl": math.exp(min(nll, 50))}
 
 
 @torch.no_grad()

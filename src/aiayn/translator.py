@@ -29,7 +29,8 @@ class AttentionResult:
 
     source_tokens: list[str]  # source pieces: the columns of encoder self- and cross-attention
     target_input_tokens: list[str]  # "<s>" + target pieces: the columns of decoder self-attention
-    target_tokens: list[str]  # target pieces + "</s>": the query rows of decoder self / cross (what each position predicts)
+    # target pieces + "</s>": the query rows of decoder self / cross (what each position predicts)
+    target_tokens: list[str]
     encoder_self: Tensor  # [L_enc, H, S, S] float32 cpu
     decoder_self: Tensor  # [L_dec, H, T, T]
     cross: Tensor  # [L_dec, H, T, S]
