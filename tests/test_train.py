@@ -289,3 +289,18 @@ def test_cli_bad_input_is_one_line_error(tmp_path, capsys):
     assert "Traceback" not in err
     assert main(["train", "--data", "multi30k:de-xx", "--out", str(tmp_path / "o")]) == 2
     assert "xx" in capsys.readouterr().err
+
+
+def test_published_recipes_are_valid():
+    from aiayn.train import load_recipe
+
+    recipes = sorted((ROOT / "configs").glob("*.yaml"))
+    assert len(recipes) >= 6
+    for path in recipes:
+        recipe = load_recipe(path)
+        TrainConfig.from_dict(recipe.get("train", {}))
+        ModelConfig.preset(recipe["preset"], **recipe.get("model", {}))
+    for name in ("wmt14-en-de-base.yaml", "wmt14-en-de-big.yaml"):
+        train = load_recipe(ROOT / "configs" / name)["train"]
+        # The paper's batches hold ~25k source + 25k target tokens per update (section 5.1).
+        assert 24000 <= train["batch_tokens"] * train["accumulate"] <= 27000

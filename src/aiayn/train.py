@@ -239,8 +239,9 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-def _distributed_context() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment; starts the process group."""
+def _distributed_context(device: str = "cpu") -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; starts the process group
+    (NCCL between GPUs, gloo between CPU processes)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -248,8 +249,7 @@ def _distributed_context() -> tuple[int, int, int]:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if torch.cuda.is_available() and os.environ.get(
-                "AIAYN_DEVICE", "cpu") == "cuda" else "gloo")
+            dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
     return rank, world, local_rank
 
 
@@ -308,7 +308,7 @@ def fit(
     from aiayn.data import BatchIterator
 
     out_dir = Path(out_dir)
-    rank, world, local_rank = _distributed_context()
+    rank, world, local_rank = _distributed_context(config.device)
     is_main = rank == 0
     device = torch.device(f"cuda:{local_rank}" if config.device == "cuda" else "cpu")
     if config.threads:
@@ -633,7 +633,6 @@ def train_from_args(args) -> dict[str, Any]:
 
     recipe = load_recipe(args.config) if args.config else {}
     out_dir = Path(args.out)
-    rank, world, _ = _distributed_context()
     flags = {field: getattr(args, flag) for flag, field in _FLAGS.items() if getattr(args, flag, None) is not None}
 
     if args.resume:
@@ -646,6 +645,7 @@ def train_from_args(args) -> dict[str, Any]:
     else:
         train_values = {**recipe.get("train", {}), **_key_values(args.set, "--set"), **flags}
         train_config = TrainConfig.from_dict(train_values)
+    rank, world, _ = _distributed_context(train_config.device)
 
     spec = args.data or recipe.get("data")
     data_dir = args.data_dir or recipe.get("data_dir")
