@@ -1,0 +1,1 @@
+"""aiayn's benchmarks: `python -m benchmarks.run` (see benchmarks/run.py)."""

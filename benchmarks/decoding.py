@@ -1,0 +1,172 @@
+"""Decoding speed: greedy and beam 4 on Multi30k test sources, aiayn vs HF generate vs CTranslate2.
+
+All systems hold the *same weights*: a random (seeded) aiayn model of the `small` shape, copied
+into a Hugging Face `MarianMTModel` (`benchmarks.peers.marian_from_aiayn`) and from there into a
+CTranslate2 model (fp32, and int8 weights). They get the same batches of source ids (sentences
+sorted by length, `batch_size` per batch, one call per batch and system, systems round-robin).
+
+Lengths: an untrained model practically never emits EOS, so every hypothesis runs to the length
+cap. The cap is one fixed number for every sentence, `round(mean reference length)` target
+pieces (aiayn max_len_a=0, max_len_b=cap; HF max_new_tokens=cap + 1 with EOS forced at the end;
+CTranslate2 max_decoding_length=cap + 1), so each system runs cap + 1 decoder steps per sentence,
+the work a trained model would do on average. tokens/s counts output tokens without EOS, at most
+`cap` per sentence (CTranslate2 ends without EOS and reports cap + 1 tokens).
+
+Length penalty: aiayn uses GNMT's ((5 + |Y|) / 6) ** alpha (|Y| counts EOS), HF and CTranslate2
+divide by |Y| ** alpha (HF: generated length; CTranslate2: output length). With all
+hypotheses the same length the ranking is the same, so alpha = 0.6 is passed to all three.
+Early stopping: aiayn finishes a sentence with `beam` finished hypotheses, HF
+`early_stopping=True` the same; CTranslate2 stops when the best beam has finished (its default).
+<pad> and <s> are never generated (HF `suppress_tokens`, CTranslate2 `suppress_sequences`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Callable
+
+import torch
+
+from aiayn.config import ModelConfig
+from aiayn.model import Transformer
+from aiayn.search import beam_search, greedy_search
+
+from benchmarks.peers import ct2_from_marian, marian_from_aiayn, vocabulary
+
+LENGTH_PENALTY = 0.6
+
+
+def _pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:
+    longest = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), longest), pad_id, dtype=torch.long)  # [B, S]
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return tokens
+
+
+def _aiayn(model: Transformer, beam: int, cap: int, device: torch.device) -> Callable:
+    def translate(rows: list[list[int]]) -> list[list[int]]:
+        src = _pad(rows, model.config.pad_id).to(device)
+        with torch.inference_mode():
+            if beam == 1:
+                return greedy_search(model, src, max_len_a=0.0, max_len_b=cap)
+            hyps = beam_search(model, src, beam_size=beam, length_penalty=LENGTH_PENALTY, max_len_a=0.0, max_len_b=cap)
+        return [h[0].tokens for h in hyps]
+
+    return translate
+
+
+def _hf(marian, config: ModelConfig, beam: int, cap: int, device: torch.device) -> Callable:
+    def translate(rows: list[list[int]]) -> list[list[int]]:
+        src = _pad(rows, config.pad_id).to(device)
+        beam_options = {"early_stopping": True, "length_penalty": LENGTH_PENALTY} if beam > 1 else {}
+        with torch.inference_mode():
+            out = marian.generate(
+                input_ids=src, attention_mask=(src != config.pad_id).long(), num_beams=beam, do_sample=False,
+                max_new_tokens=cap + 1, **beam_options, forced_eos_token_id=config.eos_id,
+                suppress_tokens=[config.pad_id, config.bos_id],
+                decoder_start_token_id=config.bos_id, eos_token_id=config.eos_id, pad_token_id=config.pad_id,
+                num_return_sequences=1,
+            )
+        results = []
+        for row in out[:, 1:].tolist():  # drop the decoder start token
+            results.append(row[: row.index(config.eos_id)] if config.eos_id in row else row)
+        return results
+
+    return translate
+
+
+def _ct2(translator, vocab: list[str], beam: int, cap: int) -> Callable:
+    index = {token: i for i, token in enumerate(vocab)}
+
+    def translate(rows: list[list[int]]) -> list[list[int]]:
+        source = [[vocab[i] for i in row] for row in rows]
+        results = translator.translate_batch(
+            source, beam_size=beam, length_penalty=LENGTH_PENALTY, max_decoding_length=cap + 1,
+            suppress_sequences=[["<pad>"], ["<s>"]], max_input_length=0,
+        )
+        return [[index[t] for t in r.hypotheses[0]] for r in results]
+
+    return translate
+
+
+def run(
+    sources,
+    *,
+    batch_size: int,
+    beams: list[int],
+    threads: int,
+    device: torch.device,
+    log: Callable[[str], None] = print,
+    seed: int = 0,
+) -> dict:
+    """Tokens/s and sentences/s of every available system for each beam size in `beams`."""
+    torch.manual_seed(seed)
+    config = ModelConfig.preset("small")
+    model = Transformer(config).to(device).eval()
+    cap = round(sources.mean_reference_length)
+    order = sorted(range(len(sources.ids)), key=lambda i: len(sources.ids[i]), reverse=True)
+    batches = [[sources.ids[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
+    notes = []
+    systems: dict[str, Callable[[int], Callable]] = {"aiayn fp32": lambda beam: _aiayn(model, beam, cap, device)}
+    workdir = tempfile.TemporaryDirectory(prefix="aiayn-bench-")
+    try:
+        import transformers  # noqa: F401
+
+        marian = marian_from_aiayn(model.cpu()).to(device).eval()
+        model.to(device)
+        systems["HF Marian fp32"] = lambda beam: _hf(marian, config, beam, cap, device)
+    except ImportError:
+        marian = None
+        notes.append("transformers not installed: HF Marian and CTranslate2 columns skipped")
+    if marian is not None:
+        try:
+            import ctranslate2
+
+            vocab = vocabulary(config.vocab_size)
+            for compute_type in ("float32", "int8"):
+                path = ct2_from_marian(marian.cpu(), f"{workdir.name}/{compute_type}")
+                translator = ctranslate2.Translator(
+                    str(path), device=device.type, compute_type=compute_type, intra_threads=threads, inter_threads=1
+                )
+                label = "fp32" if compute_type == "float32" else compute_type
+                systems[f"CTranslate2 {label}"] = (
+                    lambda beam, translator=translator: _ct2(translator, vocab, beam, cap)
+                )
+            marian.to(device)
+        except ImportError:
+            notes.append("ctranslate2 not installed: CTranslate2 columns skipped")
+
+    out = {
+        "sources": sources.origin, "sentences": len(sources.ids), "batch_size": batch_size,
+        "length_cap": cap, "length_penalty": LENGTH_PENALTY, "notes": notes, "modes": {},
+    }
+    for beam in beams:
+        mode = "greedy" if beam == 1 else f"beam {beam}"
+        translators = {name: make(beam) for name, make in systems.items()}
+        seconds = dict.fromkeys(translators, 0.0)
+        outputs: dict[str, list[list[int]]] = {name: [] for name in translators}
+        for translate in translators.values():  # warm-up: first calls allocate / pick kernels
+            translate(batches[-1][:2])
+        for batch in batches:
+            for name, translate in translators.items():
+                start = time.perf_counter()
+                result = translate(batch)
+                seconds[name] += time.perf_counter() - start
+                outputs[name].extend(result)
+        reference = outputs["aiayn fp32"]
+        rows = []
+        for name in translators:
+            tokens = sum(min(len(o), cap) for o in outputs[name])
+            same = sum(o[:cap] == r[:cap] for o, r in zip(outputs[name], reference))
+            rows.append({
+                "system": name, "seconds": round(seconds[name], 3),
+                "tokens_per_s": round(tokens / seconds[name], 1),
+                "sentences_per_s": round(len(reference) / seconds[name], 2),
+                "output_tokens": tokens, "same_output_as_aiayn": round(same / len(reference), 4),
+            })
+        log(f"decoding {mode}: " + ", ".join(f"{r['system']} {r['tokens_per_s']:,.0f} tok/s" for r in rows))
+        out["modes"][mode] = rows
+    workdir.cleanup()
+    return out
