@@ -7,10 +7,12 @@ all-True padding mask) on its two paths:
     fast       need_weights=False: F.scaled_dot_product_attention (fused; no L x L tensor kept)
 
 CPU: every point runs in a fresh subprocess (`python -m benchmarks.attention_memory --worker ...`)
-and reports the growth of the process's resident-set high-water mark
-(`resource.getrusage(RUSAGE_SELF).ru_maxrss`) over one forward + backward, measured after the
-layer, its input and a small warm-up call exist: simple, and what the operating system really had
-to provide. CUDA: `torch.cuda.max_memory_allocated` over the same call, minus what was allocated
+and reports how far the process's resident set peaks above its size before one forward + backward
+(measured after the layer, its input and a small warm-up call exist): simple, and what the
+operating system really had to provide. On Linux the peak is /proc/self/status VmHWM, reset to the
+current size first by writing 5 to /proc/self/clear_refs. Not `getrusage().ru_maxrss`: Linux carries
+it across exec, so a child of a large benchmark process inherits its parent's peak and shows none.
+CUDA: `torch.cuda.max_memory_allocated` over the same call, minus what was allocated
 before. Time: the mean of `repeats` further calls.
 """
 
@@ -27,6 +29,33 @@ import time
 import torch
 
 D_MODEL, N_HEADS = 512, 8
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> int:
+    """Reset the resident-set high-water mark to the current size; return that size in bytes."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        return _status_kib("VmRSS") * 1024
+    except (OSError, TypeError):  # not Linux: fall back to ru_maxrss (fine in a fresh process)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_rss() -> int:
+    hwm = _status_kib("VmHWM")
+    if hwm is not None and os.path.exists("/proc/self/clear_refs"):
+        return hwm * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _one_call(layer, x: torch.Tensor, mask: torch.Tensor, need_weights: bool) -> None:
@@ -57,9 +86,9 @@ def worker(length: int, path: str, device: str, threads: int, repeats: int) -> d
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
     else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        before = _reset_peak_rss()
         _one_call(layer, x, mask, need_weights)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        peak = _peak_rss() - before
     start = time.perf_counter()
     for _ in range(repeats):
         x.grad = None
@@ -95,7 +124,8 @@ def run(lengths: list[int], *, device: str, threads: int, repeats: int, log=prin
                 f"fast {fast['peak_mib']} MiB {fast['ms']} ms")
         rows.append(point)
     return {"d_model": D_MODEL, "heads": N_HEADS, "batch": 1, "device": device, "repeats": repeats,
-            "memory_measure": "cuda max_memory_allocated" if device == "cuda" else "ru_maxrss growth, fresh process",
+            "memory_measure": "cuda max_memory_allocated" if device == "cuda"
+            else "peak RSS (VmHWM) above the size before the call, fresh process",
             "points": rows}
 
 

@@ -35,7 +35,7 @@ PLANS = {
     "smoke": {
         "training": {"tiny": {"vocab_size": 64, "max_tokens": 256, "warmup": 0, "steps": 1}},
         "decoding": {"sentences": 4, "batch_size": 4, "beams": [1, 2]},
-        "attention": {"lengths": [32, 64], "repeats": 1},
+        "attention": {"lengths": [64, 512], "repeats": 1},
     },
     "quick": {
         "training": {

@@ -114,8 +114,12 @@ def test_smoke_run_writes_json_and_markdown(tmp_path, monkeypatch):
     assert decoding["greedy"][0]["system"] == "aiayn fp32"
     assert all(r["same_output_as_aiayn"] == 1.0 for r in decoding["greedy"] if "fp32" in r["system"])
     points = result["attention"]["points"]
-    assert [p["length"] for p in points] == [32, 64]
+    assert [p["length"] for p in points] == [64, 512]
     assert all(p["reference"]["ms"] > 0 and p["fast"]["ms"] > 0 for p in points)
+    # At L=512 the reference path keeps 8 MiB score and weight matrices alive for backward; the
+    # fused path does not. Seeing that proves the peak is measured in the child process (not
+    # inherited from this large pytest process).
+    assert points[1]["reference"]["peak_mib"] > points[1]["fast"]["peak_mib"] + 12
     text = md_path.read_text()
     assert text.startswith("## ") and "| aiayn fp32 |" in text and "### Attention memory" in text
     assert (results_md.read_bytes() if results_md.exists() else None) == before
