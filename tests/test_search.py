@@ -215,11 +215,17 @@ class ScriptedEncoderOut:
 
 
 class ScriptedCache:
+    """Mirrors DecoderCache: the prefix plays the self-attention cache; the cross part is a row
+    count that must follow the surviving sentences."""
+
     def __init__(self, prefix):
         self.prefix = prefix
 
-    def reorder(self, index):
+    def reorder(self, index, include_cross=True):
         self.prefix = self.prefix.index_select(0, index)
+
+    def reorder_cross(self, index):
+        pass
 
 
 def test_scripted_length_penalty_changes_winner():

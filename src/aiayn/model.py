@@ -211,10 +211,20 @@ class DecoderCache:
         """Number of target positions already decoded."""
         return self.layers[0].self_attn.length
 
-    def reorder(self, batch_index: Tensor) -> None:
-        """Keep / reorder batch rows, e.g. the surviving beams, or drop finished sentences."""
+    def reorder(self, batch_index: Tensor, *, include_cross: bool = True) -> None:
+        """Keep / reorder batch rows, e.g. the surviving beams, or drop finished sentences.
+
+        A beam step only permutes rows *within* each sentence, whose cross-attention keys and
+        values are identical; `include_cross=False` then skips copying them.
+        """
         for layer in self.layers:
             layer.self_attn.reorder(batch_index)
+            if include_cross:
+                layer.cross_attn.reorder(batch_index)
+
+    def reorder_cross(self, batch_index: Tensor) -> None:
+        """Keep / reorder the rows of the cross-attention caches only (e.g. drop finished sentences)."""
+        for layer in self.layers:
             layer.cross_attn.reorder(batch_index)
 
 
@@ -317,9 +327,14 @@ class Transformer(nn.Module):
         """
         offset = cache.length if cache is not None else 0
         new_len = tgt_tokens.size(1)
-        self_mask = causal_mask(new_len, offset + new_len, device=tgt_tokens.device)  # [1, 1, T, T_total]
         if cache is None:
-            self_mask = self_mask & padding_mask(tgt_tokens, self.config.pad_id)  # [B, 1, T, T]
+            self_mask = causal_mask(new_len, device=tgt_tokens.device) & padding_mask(
+                tgt_tokens, self.config.pad_id
+            )  # [B, 1, T, T]
+        elif new_len == 1:
+            self_mask = None  # one new query may attend to every cached position: no mask, fastest kernel
+        else:
+            self_mask = causal_mask(new_len, offset + new_len, device=tgt_tokens.device)  # [1, 1, T, T_total]
         embedding = self.src_embedding if self.tgt_embedding is None else self.tgt_embedding
         x = self._embed(tgt_tokens, embedding, offset)
         self_attns = [] if need_weights else None

@@ -236,11 +236,11 @@ def beam_search(
         keep = (~done).nonzero().squeeze(1)  # [A'] surviving sentences
         rows = (keep[:, None] * beam + next_beams[keep]).view(-1)  # [A'*K] parent row of each new beam
         if keep.numel():
-            cache.reorder(rows)
+            cache.reorder(rows, include_cross=False)  # beams move within a sentence only
             if keep.numel() < active:  # rows of one sentence hold the same memory: reorder on drop only
-                encoder_out = encoder_out.reorder(
-                    (keep[:, None] * beam + torch.arange(beam, device=device)).view(-1)
-                )
+                kept_rows = (keep[:, None] * beam + torch.arange(beam, device=device)).view(-1)  # [A'*K]
+                encoder_out = encoder_out.reorder(kept_rows)
+                cache.reorder_cross(kept_rows)
         history = torch.cat([history[rows], next_tokens[keep].view(-1, 1)], dim=1)  # [A'*K, t+2]
         scores = next_scores[keep]
         sentences = sentences[keep]
