@@ -145,6 +145,15 @@ def _panel_inches(count: int, fontsize: float) -> float:
     return max(2.0, count * fontsize * 1.5 / 72)
 
 
+def _wrap_to_width(title: str, figure, fontsize: float = 12.0) -> str:
+    """Wrap each line of a figure title so that it fits the figure's width (a long translation
+    would otherwise be cut off at both edges of a narrow figure)."""
+    import textwrap
+
+    chars = max(20, int(figure.get_figwidth() * 72 / (0.6 * fontsize)))  # ~0.6 em per character
+    return "\n".join(textwrap.fill(line, chars) for line in title.splitlines())
+
+
 def attention_figsize(
     n_rows: int, n_cols: int, n_queries: int, n_keys: int, *, title: bool = True
 ) -> tuple[float, float]:
@@ -215,7 +224,7 @@ def _draw_grid(
                     ax.set_ylabel(ylabel)
         figure.colorbar(image, ax=axes.ravel().tolist(), label="attention weight", shrink=0.9)
         if title:
-            figure.suptitle(title, parse_math=False)
+            figure.suptitle(_wrap_to_width(title, figure), parse_math=False)
         figure.savefig(out, dpi=dpi, format="png")
     return out
 
@@ -401,7 +410,7 @@ def plot_positional_encoding(
             sim_ax.set(xlabel="position", ylabel="position", title="cosine similarity")
             figure.colorbar(image, ax=sim_ax)
         if title:
-            figure.suptitle(title, parse_math=False)
+            figure.suptitle(_wrap_to_width(title, figure), parse_math=False)
         figure.savefig(out, dpi=dpi, format="png")
     return out
 
