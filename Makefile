@@ -22,7 +22,8 @@ setup: $(VENV)/.installed
 # `aiayn train --config configs/multi30k-de-en-1h.yaml` (README, "Results").
 demo: setup
 	$(PY) -m aiayn train --config configs/multi30k-de-en-1h.yaml --data-dir $(DATA_DIR) \
-		--max-minutes $(DEMO_MINUTES) --warmup-steps 150 --precision bf16 --out $(DEMO_OUT)
+		--max-minutes $(DEMO_MINUTES) --warmup-steps 150 --precision bf16 --set valid_max_sentences=300 \
+		--out $(DEMO_OUT)
 	$(PY) -m aiayn translate --model $(DEMO_OUT) --beam 4 \
 		--input $(DATA_DIR)/test_2016_flickr.de.gz --output $(DEMO_OUT)/test.hyp.en
 	$(PY) -m aiayn evaluate --hyp $(DEMO_OUT)/test.hyp.en --ref $(DATA_DIR)/test_2016_flickr.en.gz --lowercase
