@@ -76,6 +76,24 @@ def test_beam_step_keeps_2k_candidates_sorted():
         beam_step(scores, step[:, :1])
 
 
+def test_beam_step_equals_one_topk_over_all_sums():
+    """The two-stage top-k (2K per beam, then 2K overall) == brute force over all K * V sums,
+    including empty beam slots (-inf) and a beam whose best tokens all beat the other beam's."""
+    generator = torch.Generator().manual_seed(3)
+    batch, beam, vocab = 5, 4, 50
+    scores = torch.randn(batch, beam, generator=generator) * 3
+    scores[0, 1:] = float("-inf")  # first step: only slot 0 live
+    step = torch.log_softmax(torch.randn(batch, beam, vocab, generator=generator) * 2, dim=-1)
+    scores[1] = 0.0
+    step[1, 2] += 5.0  # beam 2's 2K best tokens beat every token of the other beams of sentence 1
+    cand_scores, beams, tokens = beam_step(scores, step)
+    brute_scores, brute_index = (scores[:, :, None] + step).view(batch, -1).topk(2 * beam, dim=-1)
+    assert torch.equal(cand_scores, brute_scores)
+    assert torch.equal(beams, brute_index // vocab)
+    assert torch.equal(tokens, brute_index % vocab)
+    assert beams[1].tolist() == [2] * (2 * beam)
+
+
 # --- the real model -----------------------------------------------------------------------------
 
 
@@ -291,7 +309,7 @@ def test_scripted_max_length_forces_eos_and_done_rows_are_dropped():
     assert [h.log_prob for h in hyps[0]] == pytest.approx([math.log(0.3), math.log(0.7 * 0.3)])
     assert [h.tokens for h in hyps[1]] == [[], [B]]
     assert [h.log_prob for h in hyps[1]] == pytest.approx([math.log(0.6), math.log(0.4)])
-    assert model.rows_per_step == [4, 4]
+    assert model.rows_per_step == [2, 4]  # the first step runs once per sentence, then once per beam
 
     # A single beam follows "a" to the maximum length, where EOS is forced: log p = 3 log .7 + log .3.
     forced = beam_search(model, src[:1], beam_size=1, length_penalty=0.0, max_len_a=0.0, max_len_b=3)[0][0]

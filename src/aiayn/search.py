@@ -73,9 +73,16 @@ def beam_step(scores: Tensor, step_log_probs: Tensor) -> tuple[Tensor, Tensor, T
             f"{tuple(scores.shape)} and {tuple(step_log_probs.shape)}"
         )
     batch, beam, vocab = step_log_probs.shape
-    total = scores.unsqueeze(-1) + step_log_probs  # [B, K, V]
-    cand_scores, flat_index = total.view(batch, beam * vocab).topk(min(2 * beam, beam * vocab), dim=-1)  # [B, C]
-    return cand_scores, flat_index // vocab, flat_index % vocab
+    count = min(2 * beam, beam * vocab)
+    # Two stages, the same result as one top-2K over all K * V sums: a beam can contribute at
+    # most 2K of the winners, so its own top 2K tokens are enough, and the [B, K, V] sum is never
+    # materialised (the top-k over V of one beam does not depend on that beam's score).
+    per_beam_scores, per_beam_tokens = step_log_probs.topk(min(count, vocab), dim=-1)  # [B, K, c]
+    total = (scores.unsqueeze(-1) + per_beam_scores).view(batch, -1)  # [B, K * c]
+    cand_scores, flat_index = total.topk(count, dim=-1)  # [B, C]
+    cand_beams = flat_index // per_beam_scores.size(-1)
+    cand_tokens = per_beam_tokens.view(batch, -1).gather(1, flat_index)
+    return cand_scores, cand_beams, cand_tokens
 
 
 def max_output_lengths(model, src_tokens: Tensor, max_len_a: float, max_len_b: int) -> Tensor:
@@ -85,21 +92,22 @@ def max_output_lengths(model, src_tokens: Tensor, max_len_a: float, max_len_b: i
     return lengths.clamp(min=0, max=model.config.max_positions - 1)
 
 
-def _step_log_probs(model, last_tokens: Tensor, encoder_out, cache) -> Tensor:
-    """Log-probs of the next token [N, V] in float32; <pad> and <s> are never generated."""
-    logits = model.decode(last_tokens, encoder_out, cache=cache).logits[:, -1]  # [N, V]
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    log_probs[:, model.config.pad_id] = float("-inf")
-    log_probs[:, model.config.bos_id] = float("-inf")
-    return log_probs
+def _next_token_scores(model, last_tokens: Tensor, encoder_out, cache, at_max: Tensor, *, log_probs: bool) -> Tensor:
+    """One decoder step: float32 [N, V] next-token log-probs (or raw logits, for an argmax).
 
-
-def _force_eos(log_probs: Tensor, at_max: Tensor, eos_id: int) -> None:
-    """In place: rows where `at_max` may only produce EOS. log_probs [N, V], at_max bool [N]."""
+    <pad> and <s> are never generated; rows where `at_max` (bool [N]) may only produce EOS.
+    """
+    config = model.config
+    scores = model.decode(last_tokens, encoder_out, cache=cache).logits[:, -1].float()  # [N, V]
+    if log_probs:
+        scores = torch.log_softmax(scores, dim=-1)
+    scores[:, config.pad_id] = float("-inf")
+    scores[:, config.bos_id] = float("-inf")
     if at_max.any():
-        eos_column = log_probs[:, eos_id].clone()
-        log_probs[at_max] = float("-inf")
-        log_probs[:, eos_id] = eos_column
+        eos_column = scores[:, config.eos_id].clone()
+        scores[at_max] = float("-inf")
+        scores[:, config.eos_id] = eos_column
+    return scores
 
 
 # --- greedy -------------------------------------------------------------------------------------
@@ -131,9 +139,8 @@ def greedy_search(
     cache = model.new_cache()
     step = 0
     while rows.numel():
-        log_probs = _step_log_probs(model, last, encoder_out, cache)  # [A, V]
-        _force_eos(log_probs, max_lens[rows] <= step, config.eos_id)
-        next_tokens = log_probs.argmax(dim=-1)  # [A]
+        logits = _next_token_scores(model, last, encoder_out, cache, max_lens[rows] <= step, log_probs=False)
+        next_tokens = logits.argmax(dim=-1)  # [A]: the argmax of the logits is that of the log-probs
         finished = next_tokens == config.eos_id
         for row, token in zip(rows.tolist(), next_tokens.tolist()):
             if token != config.eos_id:
@@ -189,23 +196,23 @@ def beam_search(
     device = src_tokens.device
 
     max_lens = max_output_lengths(model, src_tokens, max_len_a, max_len_b)  # [B]
-    encoder_out = model.encode(src_tokens).reorder(
-        torch.arange(batch, device=device).repeat_interleave(beam)  # [B*K]: one row per beam
-    )
+    encoder_out = model.encode(src_tokens)  # [B] rows now, one row per beam after the first step
     cache = model.new_cache()
     sentences = torch.arange(batch, device=device)  # original index of each active sentence [A]
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
-    # All beams start identical, so only slot 0 is live at first.
+    # All beams start identical (BOS), so only slot 0 is live at first, and the first decoder step
+    # runs once per sentence (R = 1 row per sentence); from the second step on R = K.
     scores = torch.full((batch, beam), float("-inf"), device=device)  # [A, K]
     scores[:, 0] = 0.0
-    history = torch.full((batch * beam, 1), config.bos_id, dtype=torch.long, device=device)  # [A*K, t+1]
+    history = torch.full((batch, 1), config.bos_id, dtype=torch.long, device=device)  # [A*R, t+1]
     step = 0
     while sentences.numel():
         active = sentences.numel()
-        log_probs = _step_log_probs(model, history[:, -1:], encoder_out, cache)  # [A*K, V]
-        at_max = (max_lens[sentences] <= step).repeat_interleave(beam)  # [A*K]
-        _force_eos(log_probs, at_max, eos)
-        cand_scores, cand_beams, cand_tokens = beam_step(scores, log_probs.view(active, beam, -1))  # [A, C]
+        rows_per_sentence = 1 if step == 0 else beam
+        at_max = (max_lens[sentences] <= step).repeat_interleave(rows_per_sentence)  # [A*R]
+        log_probs = _next_token_scores(model, history[:, -1:], encoder_out, cache, at_max, log_probs=True)
+        log_probs = log_probs.view(active, rows_per_sentence, -1).expand(-1, beam, -1)  # [A, K, V]
+        cand_scores, cand_beams, cand_tokens = beam_step(scores, log_probs)  # [A, C]
 
         # Finish the hypotheses whose EOS ranks among the top K candidates.
         is_eos = (cand_tokens == eos) & torch.isfinite(cand_scores)  # [A, C]
@@ -213,7 +220,7 @@ def beam_search(
         for a, c in is_eos.nonzero().tolist():
             sentence = int(sentences[a])
             if len(finished[sentence]) < beam:
-                tokens = history[a * beam + int(cand_beams[a, c]), 1:].tolist()
+                tokens = history[a * rows_per_sentence + int(cand_beams[a, c]), 1:].tolist()
                 log_prob = float(cand_scores[a, c])
                 finished[sentence].append(
                     Hypothesis(tokens, log_prob / _lp(len(tokens) + 1, alpha), log_prob)
@@ -234,8 +241,13 @@ def beam_search(
             [len(finished[int(s)]) >= beam for s in sentences], dtype=torch.bool, device=device
         ) | (max_lens[sentences] <= step) | ~torch.isfinite(next_scores).any(dim=1)  # [A]
         keep = (~done).nonzero().squeeze(1)  # [A'] surviving sentences
-        rows = (keep[:, None] * beam + next_beams[keep]).view(-1)  # [A'*K] parent row of each new beam
-        if keep.numel():
+        if step == 0:  # one row per sentence becomes one row per beam (dead slots copy it too)
+            rows = keep.repeat_interleave(beam)  # [A'*K]
+            cache.reorder(rows)
+            encoder_out = encoder_out.reorder(rows)
+        else:
+            rows = (keep[:, None] * beam + next_beams[keep]).view(-1)  # [A'*K] parent row of each new beam
+        if keep.numel() and step > 0:
             cache.reorder(rows, include_cross=False)  # beams move within a sentence only
             if keep.numel() < active:  # rows of one sentence hold the same memory: reorder on drop only
                 kept_rows = (keep[:, None] * beam + torch.arange(beam, device=device)).view(-1)  # [A'*K]
