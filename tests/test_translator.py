@@ -13,14 +13,14 @@ from aiayn.search import beam_search
 from aiayn.tokenizer import Tokenizer
 from aiayn.train import save_model
 from aiayn.translator import AttentionResult, Translator
+from conftest import MULTI30K
 
-DATA = "/work/shared/data/multi30k"
 MAX_POSITIONS = 40
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    pairs = read_parallel(f"{DATA}/val.de.gz", f"{DATA}/val.en.gz")
+    pairs = read_parallel(MULTI30K / "val.de.gz", MULTI30K / "val.en.gz")
     tokenizer = Tokenizer.train(pairs.src[:300] + pairs.tgt[:300], vocab_size=300, num_threads=1)
     torch.manual_seed(0)
     config = ModelConfig.preset("tiny", vocab_size=tokenizer.vocab_size, max_positions=MAX_POSITIONS)
@@ -84,10 +84,21 @@ def test_overlong_line_warns_and_is_truncated(translator):
     assert len(best.tokens) == MAX_POSITIONS - 1  # this random model runs to the cap
 
 
-def test_translate_bf16_runs(model_dir):
+def test_translate_bf16_casts_weights_once_and_stays_close_to_fp32(model_dir, translator):
     bf16 = Translator.load(model_dir, precision="bf16")
+    assert bf16.model.src_embedding.weight.dtype == torch.bfloat16
+    assert bf16.model.decoder_layers[0].feed_forward.linear1.weight.dtype == torch.bfloat16
+    assert bf16.model.positions.table.dtype == torch.float32  # sin / cos kept exact
     out = bf16.translate(SENTENCES[:3], beam_size=2, max_len_b=5)
     assert len(out) == 3 and out[1] == ""
+    # Teacher-forced log-probs: bf16 weights move them a little, never a lot.
+    src = torch.tensor([translator.tokenizer.encode(SENTENCES[0])])
+    tgt = torch.tensor([[2] + translator.tokenizer.encode("A man rides a bike.")])
+    with torch.inference_mode():
+        exact = torch.log_softmax(translator.model(src, tgt).float(), dim=-1)
+        approx = torch.log_softmax(bf16.model(src, tgt).float(), dim=-1)
+    difference = (exact - approx).abs().max().item()
+    assert 0 < difference < 0.1
     with pytest.raises(ValueError, match="precision"):
         Translator.load(model_dir, precision="fp8")
 

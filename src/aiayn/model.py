@@ -288,7 +288,7 @@ class Transformer(nn.Module):
 
     def _embed(self, tokens: Tensor, embedding: Embeddings, offset: int = 0) -> Tensor:
         x = embedding(tokens) + self.positions(tokens.size(1), offset)  # [B, L, E]
-        return self.embed_dropout(x)
+        return self.embed_dropout(x.to(embedding.weight.dtype))  # float32 positions on bf16 weights
 
     def encode(self, src_tokens: Tensor, need_weights: bool = False) -> EncoderOutput:
         """src_tokens: LongTensor [B, S] (right-padded with pad_id) -> EncoderOutput."""
