@@ -23,8 +23,8 @@ from aiayn.model import Transformer
 from aiayn.server import background_server, create_app
 from aiayn.tokenizer import Tokenizer
 from aiayn.train import save_model
+from conftest import MULTI30K
 
-MULTI30K = Path("/work/shared/data/multi30k")
 CHROMIUM = os.environ.get("AIAYN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",

@@ -34,8 +34,8 @@ from aiayn.data import (
     read_parallel,
 )
 from aiayn.tokenizer import Tokenizer
+from conftest import MULTI30K
 
-MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
 
 
 def _write(path: Path, content: bytes) -> Path:

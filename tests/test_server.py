@@ -20,8 +20,8 @@ from aiayn.model import Transformer
 from aiayn.server import BatchingWorker, DecodeSettings, ServerLimits, background_server, create_app
 from aiayn.tokenizer import Tokenizer
 from aiayn.train import save_model
+from conftest import MULTI30K
 
-MULTI30K = Path("/work/shared/data/multi30k")
 SENTENCES = [
     "Ein Mann fährt Fahrrad.",
     "Zwei Hunde spielen im Schnee.",

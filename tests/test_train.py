@@ -25,8 +25,9 @@ from aiayn.train import (
     learning_rate,
     load_model,
 )
+from conftest import MULTI30K
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
+DATA = MULTI30K
 ROOT = Path(__file__).resolve().parents[1]
 
 
