@@ -2,7 +2,9 @@
 
 All systems hold the *same weights*: a random (seeded) aiayn model of the `small` shape, copied
 into a Hugging Face `MarianMTModel` (`benchmarks.peers.marian_from_aiayn`) and from there into a
-CTranslate2 model (fp32, and int8 weights). They get the same batches of source ids (sentences
+CTranslate2 model. Each system runs fp32 and its fastest CPU mode: aiayn bf16 (weights cast once,
+as `Translator(precision="bf16")` does), HF Marian bf16 (`model.to(torch.bfloat16)`), CTranslate2
+int8 weights (its CPU build has no bf16). They get the same batches of source ids (sentences
 sorted by length, `batch_size` per batch, one call per batch and system, systems round-robin).
 
 Lengths: an untrained model practically never emits EOS, so every hypothesis runs to the length
@@ -22,6 +24,7 @@ Early stopping: aiayn finishes a sentence with `beam` finished hypotheses, HF
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import time
 from typing import Callable
@@ -31,6 +34,7 @@ import torch
 from aiayn.config import ModelConfig
 from aiayn.model import Transformer
 from aiayn.search import beam_search, greedy_search
+from aiayn.translator import cast_for_inference
 
 from benchmarks.peers import ct2_from_marian, marian_from_aiayn, vocabulary
 
@@ -109,7 +113,11 @@ def run(
     order = sorted(range(len(sources.ids)), key=lambda i: len(sources.ids[i]), reverse=True)
     batches = [[sources.ids[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
     notes = []
-    systems: dict[str, Callable[[int], Callable]] = {"aiayn fp32": lambda beam: _aiayn(model, beam, cap, device)}
+    model_bf16 = cast_for_inference(copy.deepcopy(model), "bf16")  # what Translator(precision="bf16") runs
+    systems: dict[str, Callable[[int], Callable]] = {
+        "aiayn fp32": lambda beam: _aiayn(model, beam, cap, device),
+        "aiayn bf16": lambda beam: _aiayn(model_bf16, beam, cap, device),
+    }
     workdir = tempfile.TemporaryDirectory(prefix="aiayn-bench-")
     try:
         import transformers  # noqa: F401
@@ -117,6 +125,8 @@ def run(
         marian = marian_from_aiayn(model.cpu()).to(device).eval()
         model.to(device)
         systems["HF Marian fp32"] = lambda beam: _hf(marian, config, beam, cap, device)
+        marian_bf16 = copy.deepcopy(marian).to(torch.bfloat16)
+        systems["HF Marian bf16"] = lambda beam: _hf(marian_bf16, config, beam, cap, device)
     except ImportError:
         marian = None
         notes.append("transformers not installed: HF Marian and CTranslate2 columns skipped")
@@ -161,7 +171,7 @@ def run(
             tokens = sum(min(len(o), cap) for o in outputs[name])
             same = sum(o[:cap] == r[:cap] for o, r in zip(outputs[name], reference))
             rows.append({
-                "system": name, "seconds": round(seconds[name], 3),
+                "system": name, "precision": name.rsplit(" ", 1)[1], "seconds": round(seconds[name], 3),
                 "tokens_per_s": round(tokens / seconds[name], 1),
                 "sentences_per_s": round(len(reference) / seconds[name], 2),
                 "output_tokens": tokens, "same_output_as_aiayn": round(same / len(reference), 4),
