@@ -98,20 +98,22 @@ def _ct2(translator, vocab: list[str], beam: int, cap: int) -> Callable:
 def run(
     sources,
     *,
-    batch_size: int,
+    batch_sizes: list[int],
     beams: list[int],
     threads: int,
     device: torch.device,
     log: Callable[[str], None] = print,
     seed: int = 0,
 ) -> dict:
-    """Tokens/s and sentences/s of every available system for each beam size in `beams`."""
+    """Tokens/s and sentences/s of every available system for each batch size and beam size.
+
+    Large batches measure the matmuls; batch 1 (interactive use) measures the per-step overhead.
+    """
     torch.manual_seed(seed)
     config = ModelConfig.preset("small")
     model = Transformer(config).to(device).eval()
     cap = round(sources.mean_reference_length)
     order = sorted(range(len(sources.ids)), key=lambda i: len(sources.ids[i]), reverse=True)
-    batches = [[sources.ids[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
     notes = []
     model_bf16 = cast_for_inference(copy.deepcopy(model), "bf16")  # what Translator(precision="bf16") runs
     systems: dict[str, Callable[[int], Callable]] = {
@@ -149,34 +151,36 @@ def run(
             notes.append("ctranslate2 not installed: CTranslate2 columns skipped")
 
     out = {
-        "sources": sources.origin, "sentences": len(sources.ids), "batch_size": batch_size,
+        "sources": sources.origin, "sentences": len(sources.ids), "batch_sizes": batch_sizes,
         "length_cap": cap, "length_penalty": LENGTH_PENALTY, "notes": notes, "modes": {},
     }
-    for beam in beams:
-        mode = "greedy" if beam == 1 else f"beam {beam}"
-        translators = {name: make(beam) for name, make in systems.items()}
-        seconds = dict.fromkeys(translators, 0.0)
-        outputs: dict[str, list[list[int]]] = {name: [] for name in translators}
-        for translate in translators.values():  # warm-up: first calls allocate / pick kernels
-            translate(batches[-1][:2])
-        for batch in batches:
-            for name, translate in translators.items():
-                start = time.perf_counter()
-                result = translate(batch)
-                seconds[name] += time.perf_counter() - start
-                outputs[name].extend(result)
-        reference = outputs["aiayn fp32"]
-        rows = []
-        for name in translators:
-            tokens = sum(min(len(o), cap) for o in outputs[name])
-            same = sum(o[:cap] == r[:cap] for o, r in zip(outputs[name], reference))
-            rows.append({
-                "system": name, "precision": name.rsplit(" ", 1)[1], "seconds": round(seconds[name], 3),
-                "tokens_per_s": round(tokens / seconds[name], 1),
-                "sentences_per_s": round(len(reference) / seconds[name], 2),
-                "output_tokens": tokens, "same_output_as_aiayn": round(same / len(reference), 4),
-            })
-        log(f"decoding {mode}: " + ", ".join(f"{r['system']} {r['tokens_per_s']:,.0f} tok/s" for r in rows))
-        out["modes"][mode] = rows
+    for batch_size in batch_sizes:
+        batches = [[sources.ids[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
+        for beam in beams:
+            mode = ("greedy" if beam == 1 else f"beam {beam}") + f", batch {batch_size}"
+            translators = {name: make(beam) for name, make in systems.items()}
+            seconds = dict.fromkeys(translators, 0.0)
+            outputs: dict[str, list[list[int]]] = {name: [] for name in translators}
+            for translate in translators.values():  # warm-up: first calls allocate / pick kernels
+                translate(batches[-1][:2])
+            for batch in batches:
+                for name, translate in translators.items():
+                    start = time.perf_counter()
+                    result = translate(batch)
+                    seconds[name] += time.perf_counter() - start
+                    outputs[name].extend(result)
+            reference = outputs["aiayn fp32"]
+            rows = []
+            for name in translators:
+                tokens = sum(min(len(o), cap) for o in outputs[name])
+                same = sum(o[:cap] == r[:cap] for o, r in zip(outputs[name], reference))
+                rows.append({
+                    "system": name, "precision": name.rsplit(" ", 1)[1], "seconds": round(seconds[name], 3),
+                    "tokens_per_s": round(tokens / seconds[name], 1),
+                    "sentences_per_s": round(len(reference) / seconds[name], 2),
+                    "output_tokens": tokens, "same_output_as_aiayn": round(same / len(reference), 4),
+                })
+            log(f"decoding {mode}: " + ", ".join(f"{r['system']} {r['tokens_per_s']:,.0f} tok/s" for r in rows))
+            out["modes"][mode] = rows
     workdir.cleanup()
     return out

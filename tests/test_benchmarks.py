@@ -110,9 +110,9 @@ def test_smoke_run_writes_json_and_markdown(tmp_path, monkeypatch):
     training = result["training"]["shapes"]["tiny"]["results"]
     assert training[0]["system"] == "aiayn fp32" and all(r["tokens_per_s"] > 0 for r in training)
     decoding = result["decoding"]["modes"]
-    assert set(decoding) == {"greedy", "beam 2"}
-    assert decoding["greedy"][0]["system"] == "aiayn fp32"
-    assert all(r["same_output_as_aiayn"] == 1.0 for r in decoding["greedy"] if "fp32" in r["system"])
+    assert set(decoding) == {"greedy, batch 4", "beam 2, batch 4"}
+    assert decoding["greedy, batch 4"][0]["system"] == "aiayn fp32"
+    assert all(r["same_output_as_aiayn"] == 1.0 for r in decoding["greedy, batch 4"] if "fp32" in r["system"])
     points = result["attention"]["points"]
     assert [p["length"] for p in points] == [64, 512]
     assert all(p["reference"]["ms"] > 0 and p["fast"]["ms"] > 0 for p in points)
