@@ -46,7 +46,8 @@ def _training(section: dict) -> list[str]:
 def _decoding(section: dict) -> list[str]:
     lines = ["### Decoding speed (same weights in all systems)", "",
              f"{section['sentences']} sentences of {section['sources']}, sorted by length, in batches of "
-             f"{' / '.join(map(str, section['batch_sizes']))} sentences, every output capped at {section['length_cap']} tokens (random "
+             f"{' / '.join(map(str, section['batch_sizes']))} sentences, every output capped at "
+             f"{section['length_cap']} tokens (random "
              f"weights never emit EOS; the cap is the mean reference length), length penalty "
              f"{section['length_penalty']} (aiayn GNMT, HF / CTranslate2 len^alpha).", ""]
     for note in section["notes"]:

@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
         settings = plan["decoding"]
         sources = workload.decoding_sources(settings["sentences"], threads=threads)
         result["decoding"] = decoding.run(
-            sources, batch_sizes=settings["batch_sizes"], beams=settings["beams"], threads=threads, device=device, log=log
+            sources, batch_sizes=settings["batch_sizes"], beams=settings["beams"], threads=threads, device=device,
+            log=log,
         )
     if "attention" in args.only:
         from benchmarks import attention_memory
