@@ -108,15 +108,24 @@ def _add_attention(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run_attention)
 
 
-def _run_attention(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from aiayn.visualize import KINDS, plot_attention_result, require_matplotlib
+def _matplotlib_missing(command: str) -> bool:
+    """True (after the one-line error on stderr) when the plotting extra is not installed."""
+    from aiayn.visualize import require_matplotlib
 
     try:
         require_matplotlib()
     except ImportError as error:
-        print(f"aiayn attention: error: {error}", file=sys.stderr)
+        print(f"aiayn {command}: error: {error}", file=sys.stderr)
+        return True
+    return False
+
+
+def _run_attention(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from aiayn.visualize import KINDS, plot_attention_result
+
+    if _matplotlib_missing("attention"):
         return 2
     from aiayn.translator import Translator
 
@@ -143,12 +152,9 @@ def _add_positions(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_positions(args: argparse.Namespace) -> int:
-    from aiayn.visualize import plot_positional_encoding, require_matplotlib
+    from aiayn.visualize import plot_positional_encoding
 
-    try:
-        require_matplotlib()
-    except ImportError as error:
-        print(f"aiayn positions: error: {error}", file=sys.stderr)
+    if _matplotlib_missing("positions"):
         return 2
     if args.length < 1:
         raise ValueError(f"--length must be >= 1, got {args.length}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -22,8 +22,29 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+_Config = TypeVar("_Config", bound="_DictConfig")
+
+
+class _DictConfig:
+    """replace / to_dict / from_dict shared by the config dataclasses."""
+
+    def replace(self: _Config, **overrides: Any) -> _Config:
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[_Config], values: dict[str, Any]) -> _Config:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_DictConfig):
     """Shape and regularisation of a Transformer (paper defaults = `base`)."""
 
     vocab_size: int = 37000
@@ -80,20 +101,6 @@ class ModelConfig:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(MODEL_PRESETS)}")
         return dataclasses.replace(MODEL_PRESETS[name], **overrides) if overrides else MODEL_PRESETS[name]
 
-    def replace(self, **overrides: Any) -> "ModelConfig":
-        return dataclasses.replace(self, **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**values)
-
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
@@ -144,7 +151,7 @@ class DecodeConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_DictConfig):
     """Optimisation and bookkeeping (paper section 5). Defaults are the paper's WMT settings."""
 
     batch_tokens: int = 25000  # per batch: rows x max(padded source, padded target) length
@@ -185,20 +192,6 @@ class TrainConfig:
         for name in ("max_steps", "max_epochs", "max_minutes"):
             value = getattr(self, name)
             _check(value is None or value > 0, f"{name} must be > 0, got {value!r}")
-
-    def replace(self, **overrides: Any) -> "TrainConfig":
-        return dataclasses.replace(self, **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**values)
 
 
 __all__ = ["ModelConfig", "DecodeConfig", "TrainConfig", "MODEL_PRESETS", "PAD_ID", "UNK_ID", "BOS_ID", "EOS_ID"]

@@ -247,9 +247,8 @@ def beam_search(
             encoder_out = encoder_out.reorder(rows)
         else:
             rows = (keep[:, None] * beam + next_beams[keep]).view(-1)  # [A'*K] parent row of each new beam
-        if keep.numel() and step > 0:
             cache.reorder(rows, include_cross=False)  # beams move within a sentence only
-            if keep.numel() < active:  # rows of one sentence hold the same memory: reorder on drop only
+            if 0 < keep.numel() < active:  # rows of one sentence hold the same memory: reorder on drop only
                 kept_rows = (keep[:, None] * beam + torch.arange(beam, device=device)).view(-1)  # [A'*K]
                 encoder_out = encoder_out.reorder(kept_rows)
                 cache.reorder_cross(kept_rows)

@@ -68,10 +68,8 @@ class Translator:
 
     def __init__(self, model, tokenizer, *, device: str | torch.device = "cpu", precision: str = "fp32",
                  info: dict[str, Any] | None = None) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.device = torch.device(device)
-        self.model = cast_for_inference(model.to(self.device).eval(), precision)
+        self.model = cast_for_inference(model, precision).to(self.device).eval()
         self.tokenizer = tokenizer
         self.precision = precision
         self.info = dict(info or {})
