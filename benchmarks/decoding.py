@@ -2,10 +2,14 @@
 
 All systems hold the *same weights*: a random (seeded) aiayn model of the `small` shape, copied
 into a Hugging Face `MarianMTModel` (`benchmarks.peers.marian_from_aiayn`) and from there into a
-CTranslate2 model. Each system runs fp32 and its fastest CPU mode: aiayn bf16 (weights cast once,
-as `Translator(precision="bf16")` does), HF Marian bf16 (`model.to(torch.bfloat16)`), CTranslate2
-int8 weights (its CPU build has no bf16). They get the same batches of source ids (sentences
-sorted by length, `batch_size` per batch, one call per batch and system, systems round-robin).
+CTranslate2 model. Each system runs fp32 and its faster CPU modes: aiayn bf16 and int8 (as
+`Translator(precision=...)` converts them: bf16 weights cast once; int8 weights and per-row
+int8 activations in every linear layer, `aiayn.quantize`), HF Marian bf16
+(`model.to(torch.bfloat16)`) and int8 (`torch.ao.quantization.quantize_dynamic` on its nn.Linear
+layers: fbgemm, one activation scale per call), CTranslate2 int8 weights (its CPU build has no
+bf16). int8 runs on the CPU only. They get
+the same batches of source ids (sentences sorted by length, `batch_size` per batch, one call per
+batch and system, systems round-robin).
 
 Lengths: an untrained model practically never emits EOS, so every hypothesis runs to the length
 cap. The cap is one fixed number for every sentence, `round(mean reference length)` target
@@ -120,6 +124,9 @@ def run(
         "aiayn fp32": lambda beam: _aiayn(model, beam, cap, device),
         "aiayn bf16": lambda beam: _aiayn(model_bf16, beam, cap, device),
     }
+    if device.type == "cpu":
+        model_int8 = cast_for_inference(copy.deepcopy(model), "int8")
+        systems["aiayn int8"] = lambda beam: _aiayn(model_int8, beam, cap, device)
     workdir = tempfile.TemporaryDirectory(prefix="aiayn-bench-")
     try:
         import transformers  # noqa: F401
@@ -129,6 +136,11 @@ def run(
         systems["HF Marian fp32"] = lambda beam: _hf(marian, config, beam, cap, device)
         marian_bf16 = copy.deepcopy(marian).to(torch.bfloat16)
         systems["HF Marian bf16"] = lambda beam: _hf(marian_bf16, config, beam, cap, device)
+        if device.type == "cpu":
+            marian_int8 = torch.ao.quantization.quantize_dynamic(
+                copy.deepcopy(marian), {torch.nn.Linear}, dtype=torch.qint8
+            )
+            systems["HF Marian int8"] = lambda beam: _hf(marian_int8, config, beam, cap, device)
     except ImportError:
         marian = None
         notes.append("transformers not installed: HF Marian and CTranslate2 columns skipped")

@@ -160,3 +160,13 @@ def test_cli_translate_nbest_file(model_dir, translator, tmp_path, capsys):
 def test_cli_translate_bad_model_dir(tmp_path, capsys):
     assert main(["translate", "--model", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_translate_int8_quantises_linear_layers_and_keeps_alignment(model_dir, translator):
+    int8 = Translator.load(model_dir, precision="int8")
+    assert not any(isinstance(m, torch.nn.Linear) for m in int8.model.modules())
+    out = int8.translate(SENTENCES, beam_size=2, max_len_b=5)
+    assert len(out) == len(SENTENCES) and out[1] == "" and out[3] == ""
+    assert out == [int8.translate([s], beam_size=2, max_len_b=5)[0] for s in SENTENCES]
+    with pytest.raises(ValueError, match="int8 runs on the CPU only"):
+        Translator.load(model_dir, device="cuda", precision="int8")

@@ -118,10 +118,30 @@ class KVCache:
             self.values = self.values.index_select(0, batch_index)
 
 
+class InProjection(nn.Linear):
+    """W^Q, W^K, W^V of all heads stacked into one [3E, E] matrix, rows q | k | v.
+
+    Calling it projects all three at once (self-attention: one matmul); `query` and `key_value`
+    project with the first third and the rest (encoder-decoder attention, where the queries come
+    from the decoder and the keys and values from the encoder). The state-dict layout is that of
+    `nn.Linear`, the same as `torch.nn.MultiheadAttention`'s in_proj.
+    """
+
+    def query(self, x: Tensor) -> Tensor:
+        """[..., E] -> [..., E] (x W^Q)."""
+        d = self.in_features
+        return F.linear(x, self.weight[:d], None if self.bias is None else self.bias[:d])
+
+    def key_value(self, x: Tensor) -> Tensor:
+        """[..., E] -> [..., 2E] (x W^K | x W^V)."""
+        d = self.in_features
+        return F.linear(x, self.weight[d:], None if self.bias is None else self.bias[d:])
+
+
 class MultiHeadAttention(nn.Module):
     """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O, head_i = Attention(Q W^Q_i, K W^K_i, V W^V_i).
 
-    W^Q, W^K, W^V of all heads are stacked into one [3E, E] matrix (`in_proj`), so self-attention
+    W^Q, W^K, W^V of all heads are stacked into one `InProjection` ([3E, E]), so self-attention
     projects with one matmul; cross-attention uses its first third for the queries and the rest for
     the memory's keys and values (the same layout as `torch.nn.MultiheadAttention`).
     """
@@ -136,7 +156,7 @@ class MultiHeadAttention(nn.Module):
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
         self.dropout = dropout
-        self.in_proj = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.in_proj = InProjection(d_model, 3 * d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
 
     def _split_heads(self, x: Tensor) -> Tensor:
@@ -161,24 +181,22 @@ class MultiHeadAttention(nn.Module):
         Returns:
             (output [B, L, E], weights or None)
         """
-        d = self.d_model
-        weight, bias = self.in_proj.weight, self.in_proj.bias
         if memory is None:  # self-attention
-            q, k, v = F.linear(query, weight, bias).chunk(3, dim=-1)  # 3 x [B, L, E]
+            q, k, v = self.in_proj(query).chunk(3, dim=-1)  # 3 x [B, L, E]
             q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
             if cache is not None:
                 k, v = cache.append(k, v)  # [B, H, M_total, D]
         else:  # encoder-decoder attention
-            q = self._split_heads(F.linear(query, weight[:d], None if bias is None else bias[:d]))
+            q = self._split_heads(self.in_proj.query(query))
             if cache is not None and cache.keys is not None:
                 k, v = cache.keys, cache.values
             else:
-                kv = F.linear(memory, weight[d:], None if bias is None else bias[d:])  # [B, M, 2E]
+                kv = self.in_proj.key_value(memory)  # [B, M, 2E]
                 k, v = (self._split_heads(t) for t in kv.chunk(2, dim=-1))
                 if cache is not None:  # stored contiguous: read by every decoding step
                     k, v = cache.append(k.contiguous(), v.contiguous())
         dropout_p = self.dropout if self.training else 0.0
         out, weights = scaled_dot_product_attention(q, k, v, mask, dropout_p, need_weights)
         batch, _, length, _ = out.shape
-        out = out.transpose(1, 2).reshape(batch, length, d)  # [B, L, E]
+        out = out.transpose(1, 2).reshape(batch, length, self.d_model)  # [B, L, E]
         return self.out_proj(out), weights

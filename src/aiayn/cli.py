@@ -219,7 +219,8 @@ def _add_decode_options(p: argparse.ArgumentParser, *, model_required: bool = Tr
     p.add_argument("--max-len-b", type=int, default=50)
     p.add_argument("--batch-tokens", type=int, default=4096, help="padded source pieces per batch")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="bf16: weights cast to bfloat16; int8: linear layers in int8 arithmetic (CPU only)")
 
 
 def _read_input_lines(path: str | None) -> list[str]:

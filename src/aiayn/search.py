@@ -99,8 +99,8 @@ def _next_token_scores(model, last_tokens: Tensor, encoder_out, cache, at_max: T
     """
     config = model.config
     scores = model.decode(last_tokens, encoder_out, cache=cache).logits[:, -1].float()  # [N, V]
-    if log_probs:
-        scores = torch.log_softmax(scores, dim=-1)
+    if log_probs:  # in place: a fresh [N, V] buffer per step costs page faults (~1 ms at 128 x 8k)
+        torch.log_softmax(scores, dim=-1, out=scores)
     scores[:, config.pad_id] = float("-inf")
     scores[:, config.bos_id] = float("-inf")
     if at_max.any():

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from aiayn.search import beam_search
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "int8")
 
 
 @dataclass
@@ -36,19 +36,34 @@ class AttentionResult:
     translation: str
 
 
-def cast_for_inference(model, precision: str):
-    """The model in `precision` ("fp32" or "bf16"), converted in place and returned.
-
-    bf16 casts every weight once (faster than torch.autocast, which re-casts the weights at every
-    call); the positional table stays float32 (sin / cos of far positions would lose digits), and
-    the search computes log-softmax and scores in float32.
-    """
+def _check_precision(precision: str, device: str | torch.device) -> torch.device:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    device = torch.device(device)
+    if precision == "int8" and device.type != "cpu":
+        raise ValueError(f"precision int8 runs on the CPU only, got device {device}")
+    return device
+
+
+def cast_for_inference(model, precision: str, device: str | torch.device = "cpu"):
+    """The model in `precision` on `device`, converted in place and returned.
+
+    fp32: as trained. bf16 casts every weight once (faster than torch.autocast, which re-casts the
+    weights at every call); the positional table stays float32 (sin / cos of far positions would
+    lose digits), and the search computes log-softmax and scores in float32. int8 (CPU only): every
+    linear layer in int8 arithmetic with per-row scales (`aiayn.quantize`), the rest float32.
+    Raises:
+        ValueError: unknown precision, or int8 on a device other than the CPU.
+    """
+    device = _check_precision(precision, device)
     if precision == "bf16":
         model.to(torch.bfloat16)
         model.positions.float()
-    return model
+    elif precision == "int8":
+        from aiayn.quantize import quantize_int8
+
+        quantize_int8(model.float().cpu())
+    return model.to(device)
 
 
 class Translator:
@@ -58,18 +73,19 @@ class Translator:
         model: a `Transformer`; moved to `device` and put in eval mode.
         tokenizer: the model's `Tokenizer`.
         device: "cpu", "cuda", "cuda:1", ...
-        precision: "fp32", or "bf16": the weights are cast to bfloat16 (in place, like the move to
+        precision: "fp32"; "bf16": the weights are cast to bfloat16 (in place, like the move to
             `device`); the positional table, log-softmax and scores stay float32. Casting once is
             faster than torch.autocast, which re-casts the weights on every call (1.16x at beam 4).
+            "int8" (CPU only): linear layers in int8 arithmetic (see `cast_for_inference`).
         info: the model directory's info dict (e.g. "src_lang", "tgt_lang").
     Raises:
-        ValueError: unknown precision.
+        ValueError: unknown precision, or int8 off the CPU.
     """
 
     def __init__(self, model, tokenizer, *, device: str | torch.device = "cpu", precision: str = "fp32",
                  info: dict[str, Any] | None = None) -> None:
         self.device = torch.device(device)
-        self.model = cast_for_inference(model, precision).to(self.device).eval()
+        self.model = cast_for_inference(model, precision, self.device).eval()
         self.tokenizer = tokenizer
         self.precision = precision
         self.info = dict(info or {})
@@ -79,6 +95,7 @@ class Translator:
         """A Translator for a model directory written by `aiayn.train.save_model`."""
         from aiayn.train import load_model
 
+        _check_precision(precision, device)  # before loading: no model moved to a device it cannot use
         model, tokenizer, info = load_model(model_dir, device)
         return cls(model, tokenizer, device=device, precision=precision, info=info)
 
