@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import tempfile
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -137,9 +138,11 @@ def run(
         marian_bf16 = copy.deepcopy(marian).to(torch.bfloat16)
         systems["HF Marian bf16"] = lambda beam: _hf(marian_bf16, config, beam, cap, device)
         if device.type == "cpu":
-            marian_int8 = torch.ao.quantization.quantize_dynamic(
-                copy.deepcopy(marian), {torch.nn.Linear}, dtype=torch.qint8
-            )
+            with warnings.catch_warnings():  # torch marks its ao.quantization API deprecated
+                warnings.simplefilter("ignore")
+                marian_int8 = torch.ao.quantization.quantize_dynamic(
+                    copy.deepcopy(marian), {torch.nn.Linear}, dtype=torch.qint8
+                )
             systems["HF Marian int8"] = lambda beam: _hf(marian_int8, config, beam, cap, device)
     except ImportError:
         marian = None
