@@ -305,3 +305,28 @@ def test_published_recipes_are_valid():
         train = load_recipe(ROOT / "configs" / name)["train"]
         # The paper's batches hold ~25k source + 25k target tokens per update (section 5.1).
         assert 24000 <= train["batch_tokens"] * train["accumulate"] <= 27000
+
+
+def test_sigterm_stops_after_the_update_with_a_checkpoint(tmp_path, corpus, monkeypatch):
+    import os
+    import signal
+
+    import aiayn.train as train_module
+
+    tokenizer, train, _ = corpus
+    original = train_module.learning_rate
+
+    def signalling(step, **kwargs):  # called at the start of each update
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(step, **kwargs)
+
+    monkeypatch.setattr(train_module, "learning_rate", signalling)
+    before = signal.getsignal(signal.SIGTERM)
+    summary = fit(_model(tokenizer), tokenizer, train, _config(max_steps=6), tmp_path, progress=False)
+    assert summary["steps"] == 3  # update 3 finished, then the run stopped instead of dying
+    assert [p.name for p in checkpoint_paths(tmp_path)] == ["step_00000003"]
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is restored
+    monkeypatch.setattr(train_module, "learning_rate", original)
+    resumed = fit(_model(tokenizer), tokenizer, train, _config(max_steps=6), tmp_path, resume=True, progress=False)
+    assert resumed["steps"] == 6

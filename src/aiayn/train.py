@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -274,6 +276,35 @@ def _batch_stream(iterator):
         yield from iterator
 
 
+class _StopRequest:
+    """SIGTERM or a first Ctrl-C asks the loop to stop after the current update (a second Ctrl-C
+    interrupts at once). The loop then validates and writes a checkpoint, so `--resume` loses nothing.
+    Handlers are installed only in the main thread and restored afterwards."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this update and saving a checkpoint "
+              "(Ctrl-C again to abort)", flush=True)
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup / background jobs keep ignoring
+                    self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
 def fit(
     model: Transformer,
     tokenizer: Tokenizer,
@@ -293,6 +324,9 @@ def fit(
     there is no validation set), checkpoints/ (last `keep_last`), log.jsonl, train_config.json and
     curves.png. With `resume`, continues from the newest checkpoint exactly where it stopped.
     Under torchrun, each of the world's processes takes its share of every global batch.
+
+    SIGTERM (or a first Ctrl-C) stops the run after the current update, with a final validation and
+    checkpoint, like reaching a max_* limit.
 
     Returns:
         a summary dict: steps, epochs, best validation BLEU, elapsed seconds, tokens/s.
@@ -422,15 +456,20 @@ def fit(
     window_tokens, window_loss, window_nll, window_start = 0.0, 0.0, 0.0, time.monotonic()
     total_tokens = 0.0
 
+    stop_request = _StopRequest()
+    stop_agreed = False  # a signal may reach one rank only: the ranks agree through the loss all-reduce
+
     def should_stop() -> bool:
         minutes = (elapsed_before + time.monotonic() - start) / 60
         return bool(
-            (config.max_steps is not None and step >= config.max_steps)
+            stop_agreed
+            or (config.max_steps is not None and step >= config.max_steps)
             or (config.max_epochs is not None and epochs_done() >= config.max_epochs)
             or (config.max_minutes is not None and minutes >= config.max_minutes)
         )
 
     try:
+        stop_request.install()
         while not should_stop():
             group = [next(stream) for _ in range(per_update)]  # every rank walks the same batches
             mine = group[rank * config.accumulate : (rank + 1) * config.accumulate]
@@ -452,7 +491,8 @@ def fit(
                     (loss * (world / global_tokens)).backward()
                 loss_sum += loss.item()
                 nll_sum += nll.item()
-            loss_sum, nll_sum = _all_reduce([loss_sum, nll_sum], world)
+            loss_sum, nll_sum, stops = _all_reduce([loss_sum, nll_sum, float(stop_request.requested)], world)
+            stop_agreed = stops > 0
             if not (np.isfinite(loss_sum) and np.isfinite(nll_sum)):
                 last = checkpoint_paths(out_dir)
                 raise TrainingDiverged(
@@ -493,6 +533,7 @@ def fit(
         validate()
         checkpoint()
     finally:
+        stop_request.restore()
         if bar is not None:
             bar.close()
         if log_file is not None:
