@@ -3,8 +3,9 @@
 All systems hold the *same weights*: a random (seeded) aiayn model of the `small` shape, copied
 into a Hugging Face `MarianMTModel` (`benchmarks.peers.marian_from_aiayn`) and from there into a
 CTranslate2 model. Each system runs fp32 and its faster CPU modes: aiayn bf16 and int8 (as
-`Translator(precision=...)` converts them: bf16 weights cast once; int8 weights and per-row
-int8 activations in every linear layer, `aiayn.quantize`), HF Marian bf16
+`Translator(precision=...)` converts them: fp32 and bf16 linear layers pre-packed for oneDNN,
+`aiayn.prepack`, bf16 weights cast once; int8 weights and per-row int8 activations in every
+linear layer, `aiayn.quantize`), HF Marian bf16
 (`model.to(torch.bfloat16)`) and int8 (`torch.ao.quantization.quantize_dynamic` on its nn.Linear
 layers: fbgemm, one activation scale per call), CTranslate2 int8 weights (its CPU build has no
 bf16). int8 runs on the CPU only. They get
@@ -120,9 +121,11 @@ def run(
     cap = round(sources.mean_reference_length)
     order = sorted(range(len(sources.ids)), key=lambda i: len(sources.ids[i]), reverse=True)
     notes = []
-    model_bf16 = cast_for_inference(copy.deepcopy(model), "bf16")  # what Translator(precision="bf16") runs
+    # What Translator(precision=...) runs: on the CPU, fp32 and bf16 linear layers pre-packed for oneDNN.
+    model_fp32 = cast_for_inference(copy.deepcopy(model), "fp32", device)
+    model_bf16 = cast_for_inference(copy.deepcopy(model), "bf16", device)
     systems: dict[str, Callable[[int], Callable]] = {
-        "aiayn fp32": lambda beam: _aiayn(model, beam, cap, device),
+        "aiayn fp32": lambda beam: _aiayn(model_fp32, beam, cap, device),
         "aiayn bf16": lambda beam: _aiayn(model_bf16, beam, cap, device),
     }
     if device.type == "cpu":

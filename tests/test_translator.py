@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from aiayn import ModelConfig, Transformer
+from aiayn import ModelConfig, Transformer, prepack
 from aiayn.cli import main
 from aiayn.data import read_parallel
 from aiayn.search import beam_search
@@ -46,6 +46,9 @@ SENTENCES = [
 
 
 def test_translate_keeps_order_and_empty_lines(translator):
+    if prepack.available():  # on the CPU the fp32 linear layers run pre-packed for oneDNN
+        assert isinstance(translator.model.output_projection, prepack.PackedLinear)
+        assert not any(isinstance(m, torch.nn.Linear) for m in translator.model.modules())
     out = translator.translate(SENTENCES, beam_size=2, max_len_b=8)
     assert len(out) == len(SENTENCES)
     assert out[1] == "" and out[3] == ""
@@ -87,7 +90,7 @@ def test_overlong_line_warns_and_is_truncated(translator):
 def test_translate_bf16_casts_weights_once_and_stays_close_to_fp32(model_dir, translator):
     bf16 = Translator.load(model_dir, precision="bf16")
     assert bf16.model.src_embedding.weight.dtype == torch.bfloat16
-    assert bf16.model.decoder_layers[0].feed_forward.linear1.weight.dtype == torch.bfloat16
+    assert bf16.model.decoder_layers[0].feed_forward.linear1.dtype == torch.bfloat16  # packed bf16
     assert bf16.model.positions.table.dtype == torch.float32  # sin / cos kept exact
     out = bf16.translate(SENTENCES[:3], beam_size=2, max_len_b=5)
     assert len(out) == 3 and out[1] == ""

@@ -452,7 +452,7 @@ def create_app(
             "tgt_lang": model_info.get("tgt_lang"),
             "info": model_info,
             "vocab_size": translator.tokenizer.vocab_size,
-            "parameters": sum(p.numel() for p in model.parameters()),
+            "parameters": translator.num_parameters,
             "batching": {
                 "enabled": worker.batching,
                 "max_batch_sentences": worker.max_batch_sentences,

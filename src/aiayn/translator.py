@@ -52,6 +52,9 @@ def cast_for_inference(model, precision: str, device: str | torch.device = "cpu"
     weights at every call); the positional table stays float32 (sin / cos of far positions would
     lose digits), and the search computes log-softmax and scores in float32. int8 (CPU only): every
     linear layer in int8 arithmetic with per-row scales (`aiayn.quantize`), the rest float32.
+    On the CPU, fp32 and bf16 linear layers are pre-packed for oneDNN (`aiayn.prepack`: the same
+    arithmetic, 1.2-2.6x faster matrix products at decoding sizes). The model serves inference
+    only afterwards.
     Raises:
         ValueError: unknown precision, or int8 on a device other than the CPU.
     """
@@ -62,8 +65,14 @@ def cast_for_inference(model, precision: str, device: str | torch.device = "cpu"
     elif precision == "int8":
         from aiayn.quantize import quantize_int8
 
-        quantize_int8(model.float().cpu())
-    return model.to(device)
+        return quantize_int8(model.float().cpu())
+    model = model.to(device)
+    if device.type == "cpu":
+        from aiayn import prepack
+
+        if prepack.available():
+            prepack.pack_linear_layers(model)
+    return model
 
 
 class Translator:
@@ -85,6 +94,7 @@ class Translator:
     def __init__(self, model, tokenizer, *, device: str | torch.device = "cpu", precision: str = "fp32",
                  info: dict[str, Any] | None = None) -> None:
         self.device = torch.device(device)
+        self.num_parameters = sum(p.numel() for p in model.parameters())  # before packing / int8
         self.model = cast_for_inference(model, precision, self.device).eval()
         self.tokenizer = tokenizer
         self.precision = precision
