@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from aiayn import ModelConfig, Transformer
-from aiayn.search import Hypothesis, beam_search, beam_step, greedy_search, length_penalty
+from aiayn.search import Hypothesis, beam_search, beam_step, greedy_search, length_penalty, top_k
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
@@ -92,6 +92,22 @@ def test_beam_step_equals_one_topk_over_all_sums():
     assert torch.equal(beams, brute_index // vocab)
     assert torch.equal(tokens, brute_index % vocab)
     assert beams[1].tolist() == [2] * (2 * beam)
+
+
+@pytest.mark.parametrize("length", [8000, 8003, 40])  # whole blocks, a partial last block, short rows
+def test_top_k_equals_torch_topk(length):
+    generator = torch.Generator().manual_seed(length)
+    x = torch.randn(3, 4, length, generator=generator)
+    x[0, 0, 5] = float("-inf")
+    x[1, 2, -1] = 50.0  # the largest value in the partial last block
+    x[2, 1, :64] += 20.0  # every one of the k best in the same block
+    values, indices = top_k(x, 8)
+    expected_values, expected_indices = x.topk(8, dim=-1)
+    assert torch.equal(values, expected_values) and torch.equal(indices, expected_indices)
+    assert indices[1, 2, 0].item() == length - 1
+    # A non-contiguous (expanded) input, as on the first beam step.
+    wide = x[:, :1].expand(-1, 4, -1)
+    assert torch.equal(top_k(wide, 8)[1], wide.topk(8, dim=-1)[1])
 
 
 # --- the real model -----------------------------------------------------------------------------

@@ -52,6 +52,33 @@ def length_penalty(length: float, alpha: float) -> float:
     return ((5.0 + length) / 6.0) ** alpha
 
 
+def top_k(x: Tensor, k: int, block: int = 64) -> tuple[Tensor, Tensor]:
+    """`x.topk(k, dim=-1)` (values, indices) for a long last dimension and a small k, faster.
+
+    The k largest values lie in the k blocks (of `block` consecutive entries) with the largest
+    maxima: a block holding one of them has a maximum at least as large, and a block outside the
+    top k would have k blocks with larger maxima above it, each with a larger value. So a cheap
+    max per block (vectorised) narrows the search to k * block entries (plus the last partial
+    block). On [128, 8000], k = 8: 0.46 ms instead of 1.29 ms (1 thread). Equal values may be
+    picked in a different order than `torch.topk` picks them (which order that is, is unspecified).
+    """
+    *lead, length = x.shape
+    n_blocks = length // block
+    if n_blocks <= 4 * k:  # short rows: nothing to gain
+        return x.topk(k, dim=-1)
+    rows = x.reshape(-1, length)  # [N, L]
+    maxima = rows[:, : n_blocks * block].view(rows.size(0), n_blocks, block).amax(dim=-1)  # [N, L / block]
+    best_blocks = maxima.topk(k, dim=-1).indices  # [N, k]
+    offsets = torch.arange(block, device=x.device)
+    columns = (best_blocks[:, :, None] * block + offsets).view(rows.size(0), k * block)  # [N, k * block]
+    if n_blocks * block < length:  # the last, partial block is always searched
+        tail = torch.arange(n_blocks * block, length, device=x.device).expand(rows.size(0), -1)
+        columns = torch.cat([columns, tail], dim=1)
+    values, positions = rows.gather(1, columns).topk(k, dim=-1)  # [N, k]
+    indices = columns.gather(1, positions)
+    return values.view(*lead, k), indices.view(*lead, k)
+
+
 def beam_step(scores: Tensor, step_log_probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Top 2K continuations of every sentence's beams (pure function, fairseq BeamSearch.step).
 
@@ -77,7 +104,7 @@ def beam_step(scores: Tensor, step_log_probs: Tensor) -> tuple[Tensor, Tensor, T
     # Two stages, the same result as one top-2K over all K * V sums: a beam can contribute at
     # most 2K of the winners, so its own top 2K tokens are enough, and the [B, K, V] sum is never
     # materialised (the top-k over V of one beam does not depend on that beam's score).
-    per_beam_scores, per_beam_tokens = step_log_probs.topk(min(count, vocab), dim=-1)  # [B, K, c]
+    per_beam_scores, per_beam_tokens = top_k(step_log_probs, min(count, vocab))  # [B, K, c]
     total = (scores.unsqueeze(-1) + per_beam_scores).view(batch, -1)  # [B, K * c]
     cand_scores, flat_index = total.topk(count, dim=-1)  # [B, C]
     cand_beams = flat_index // per_beam_scores.size(-1)
