@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from aiayn import ModelConfig, Transformer, prepack
 from aiayn.attention import InProjection
-from aiayn.prepack import PackedInProjection, PackedLinear, pack_linear_layers
+from aiayn.prepack import InferenceInProjection, PackedLinear, pack_linear_layers
 from aiayn.search import beam_search
 
 pytestmark = pytest.mark.skipif(not prepack.available(), reason="this PyTorch build has no oneDNN")
@@ -43,7 +43,7 @@ def test_packed_in_projection_parts():
     torch.manual_seed(2)
     projection = InProjection(16, 48)
     x = torch.randn(3, 4, 16)
-    packed = PackedInProjection(projection)
+    packed = InferenceInProjection(projection, PackedLinear)
     exact = projection(x)
     torch.testing.assert_close(packed(x), exact, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed.query(x), exact[..., :16], rtol=1e-5, atol=1e-5)

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from aiayn import ModelConfig, Transformer
 from aiayn.attention import InProjection
-from aiayn.quantize import Int8InProjection, Int8Linear, quantize_int8
+from aiayn.prepack import InferenceInProjection
+from aiayn.quantize import Int8Linear, quantize_int8
 
 
 def test_int8_linear_matches_float_to_quantisation_error():
@@ -30,7 +31,7 @@ def test_int8_in_projection_parts_equal_the_whole():
     exact = projection(x)
     torch.testing.assert_close(projection.query(x), exact[..., :16])
     torch.testing.assert_close(projection.key_value(x), exact[..., 16:])
-    int8 = Int8InProjection(projection)
+    int8 = InferenceInProjection(projection, Int8Linear)
     whole = int8(x)
     # Same row scales for the input and the weights: the parts are exactly the whole's columns.
     torch.testing.assert_close(int8.query(x), whole[..., :16], atol=0, rtol=0)

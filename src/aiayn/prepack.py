@@ -17,6 +17,8 @@ not a parameter (no gradients, no state dict, no `.to()`).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -62,16 +64,17 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed {self.dtype}"
 
 
-class PackedInProjection(nn.Module):
-    """`InProjection` packed: the whole [3E, E] matrix, and its q and k | v parts packed apart."""
+class InferenceInProjection(nn.Module):
+    """An `InProjection` converted for inference: the whole [3E, E] matrix, and its q and k | v
+    parts converted apart by `make_linear(weight, bias)` (packed here, int8 in `aiayn.quantize`)."""
 
-    def __init__(self, projection: InProjection) -> None:
+    def __init__(self, projection: InProjection, make_linear: Callable[[Tensor, Tensor | None], nn.Module]) -> None:
         super().__init__()
         d = projection.in_features
         weight, bias = projection.weight, projection.bias
-        self.all = PackedLinear(weight, bias)
-        self.q = PackedLinear(weight[:d], None if bias is None else bias[:d])
-        self.kv = PackedLinear(weight[d:], None if bias is None else bias[d:])
+        self.all = make_linear(weight, bias)
+        self.q = make_linear(weight[:d], None if bias is None else bias[:d])
+        self.kv = make_linear(weight[d:], None if bias is None else bias[d:])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.all(x)
@@ -83,11 +86,26 @@ class PackedInProjection(nn.Module):
         return self.kv(x)
 
 
-def pack_linear_layers(model: nn.Module) -> nn.Module:
-    """Replace, in place, every linear layer of a CPU `Transformer` by its packed version.
+def replace_linear_layers(model: nn.Module, make_linear: Callable[[Tensor, Tensor | None], nn.Module]) -> nn.Module:
+    """Replace, in place, every linear layer of a `Transformer` by `make_linear(weight, bias)`.
 
-    The tied pre-softmax projection (section 3.4) gets a packed copy of the embedding matrix; the
-    embedding lookups keep the plain one. The model can only run inference afterwards.
+    The tied pre-softmax projection (section 3.4) gets its own converted copy of the embedding
+    matrix; the embedding lookups keep the plain one. The model can only run inference afterwards.
+    """
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, InProjection):
+                setattr(module, name, InferenceInProjection(child, make_linear))
+            elif isinstance(child, nn.Linear):
+                setattr(module, name, make_linear(child.weight, child.bias))
+    if model.output_projection is None:  # tied: logits() uses output_projection when it is set
+        model.output_projection = make_linear(model.src_embedding.weight, None)
+    return model.eval()
+
+
+def pack_linear_layers(model: nn.Module) -> nn.Module:
+    """Replace, in place, every linear layer of a CPU `Transformer` by a `PackedLinear`.
+
     Raises:
         ValueError: the model is not float32 / bfloat16 on the CPU, or oneDNN is missing.
     """
@@ -96,12 +114,4 @@ def pack_linear_layers(model: nn.Module) -> nn.Module:
         raise ValueError(f"packing needs a float32 or bfloat16 model on the CPU, got {first.dtype} on {first.device}")
     if not available():
         raise ValueError("packed linear layers need a PyTorch build with oneDNN (mkldnn)")
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, InProjection):
-                setattr(module, name, PackedInProjection(child))
-            elif isinstance(child, nn.Linear):
-                setattr(module, name, PackedLinear(child.weight, child.bias))
-    if model.output_projection is None:  # tied: logits() uses output_projection when it is set
-        model.output_projection = PackedLinear(model.src_embedding.weight)
-    return model.eval()
+    return replace_linear_layers(model, PackedLinear)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from aiayn.attention import InProjection
+from aiayn.prepack import replace_linear_layers
 
 
 def _symmetric_int8(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -56,27 +56,6 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-class Int8InProjection(nn.Module):
-    """`InProjection` in int8: the whole [3E, E] matrix, and its q and k | v parts packed apart."""
-
-    def __init__(self, projection: InProjection) -> None:
-        super().__init__()
-        d = projection.in_features
-        weight, bias = projection.weight, projection.bias
-        self.all = Int8Linear(weight, bias)
-        self.q = Int8Linear(weight[:d], None if bias is None else bias[:d])
-        self.kv = Int8Linear(weight[d:], None if bias is None else bias[d:])
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.all(x)
-
-    def query(self, x: Tensor) -> Tensor:
-        return self.q(x)
-
-    def key_value(self, x: Tensor) -> Tensor:
-        return self.kv(x)
-
-
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace, in place, every linear layer of a float32 CPU `Transformer` by its int8 version.
 
@@ -88,12 +67,4 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     first = next(model.parameters())
     if first.device.type != "cpu" or first.dtype != torch.float32:
         raise ValueError(f"int8 needs a float32 model on the CPU, got {first.dtype} on {first.device}")
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, InProjection):
-                setattr(module, name, Int8InProjection(child))
-            elif isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(child.weight, child.bias))
-    if model.output_projection is None:  # tied: logits() uses output_projection when it is set
-        model.output_projection = Int8Linear(model.src_embedding.weight)
-    return model.eval()
+    return replace_linear_layers(model, Int8Linear)
