@@ -5,12 +5,11 @@ into a Hugging Face `MarianMTModel` (`benchmarks.peers.marian_from_aiayn`) and f
 CTranslate2 model. Each system runs fp32 and its faster CPU modes: aiayn bf16 and int8 (as
 `Translator(precision=...)` converts them: fp32 and bf16 linear layers pre-packed for oneDNN,
 `aiayn.prepack`, bf16 weights cast once; int8 weights and per-row int8 activations in every
-linear layer, `aiayn.quantize`), HF Marian bf16
-(`model.to(torch.bfloat16)`) and int8 (`torch.ao.quantization.quantize_dynamic` on its nn.Linear
-layers: fbgemm, one activation scale per call), CTranslate2 int8 weights (its CPU build has no
-bf16). int8 runs on the CPU only. They get
-the same batches of source ids (sentences sorted by length, `batch_size` per batch, one call per
-batch and system, systems round-robin).
+linear layer, `aiayn.quantize`), HF Marian bf16 (`model.to(torch.bfloat16)`) and int8
+(`torch.ao.quantization.quantize_dynamic` on its nn.Linear layers: fbgemm, one activation scale
+per call), CTranslate2 int8 weights (its CPU build has no bf16). int8 runs on the CPU only. They
+get the same batches of source ids (sentences sorted by length, `batch_size` per batch, one call
+per batch and system, systems round-robin).
 
 Lengths: an untrained model practically never emits EOS, so every hypothesis runs to the length
 cap. The cap is one fixed number for every sentence, `round(mean reference length)` target
@@ -136,7 +135,6 @@ def run(
         import transformers  # noqa: F401
 
         marian = marian_from_aiayn(model.cpu()).to(device).eval()
-        model.to(device)
         systems["HF Marian fp32"] = lambda beam: _hf(marian, config, beam, cap, device)
         marian_bf16 = copy.deepcopy(marian).to(torch.bfloat16)
         systems["HF Marian bf16"] = lambda beam: _hf(marian_bf16, config, beam, cap, device)

@@ -112,6 +112,4 @@ def pack_linear_layers(model: nn.Module) -> nn.Module:
     first = next(model.parameters())
     if first.device.type != "cpu" or first.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"packing needs a float32 or bfloat16 model on the CPU, got {first.dtype} on {first.device}")
-    if not available():
-        raise ValueError("packed linear layers need a PyTorch build with oneDNN (mkldnn)")
-    return replace_linear_layers(model, PackedLinear)
+    return replace_linear_layers(model, PackedLinear)  # PackedLinear raises if oneDNN is missing

@@ -53,7 +53,7 @@ def cast_for_inference(model, precision: str, device: str | torch.device = "cpu"
     lose digits), and the search computes log-softmax and scores in float32. int8 (CPU only): every
     linear layer in int8 arithmetic with per-row scales (`aiayn.quantize`), the rest float32.
     On the CPU, fp32 and bf16 linear layers are pre-packed for oneDNN (`aiayn.prepack`: the same
-    arithmetic, 1.2-2.6x faster matrix products at decoding sizes). The model serves inference
+    arithmetic, 1.1-2.6x faster matrix products at decoding sizes). The model serves inference
     only afterwards.
     Raises:
         ValueError: unknown precision, or int8 on a device other than the CPU.
