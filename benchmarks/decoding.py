@@ -107,12 +107,16 @@ def run(
     beams: list[int],
     threads: int,
     device: torch.device,
+    compile: bool = False,
     log: Callable[[str], None] = print,
     seed: int = 0,
 ) -> dict:
     """Tokens/s and sentences/s of every available system for each batch size and beam size.
 
     Large batches measure the matmuls; batch 1 (interactive use) measures the per-step overhead.
+    compile=True adds aiayn bf16 and int8 with the decoder step through torch.compile
+    (`Translator(compile=True)`); their compilation happens in the untimed warm-up, whose
+    seconds are reported apart.
     """
     torch.manual_seed(seed)
     config = ModelConfig.preset("small")
@@ -130,6 +134,10 @@ def run(
     if device.type == "cpu":
         model_int8 = cast_for_inference(copy.deepcopy(model), "int8")
         systems["aiayn int8"] = lambda beam: _aiayn(model_int8, beam, cap, device)
+    if compile:
+        for precision in ("bf16", "int8") if device.type == "cpu" else ("fp32", "bf16"):
+            compiled = cast_for_inference(copy.deepcopy(model), precision, device, compile=True)
+            systems[f"aiayn {precision}+compile"] = lambda beam, m=compiled: _aiayn(m, beam, cap, device)
     workdir = tempfile.TemporaryDirectory(prefix="aiayn-bench-")
     try:
         import transformers  # noqa: F401
@@ -176,9 +184,15 @@ def run(
             mode = ("greedy" if beam == 1 else f"beam {beam}") + f", batch {batch_size}"
             translators = {name: make(beam) for name, make in systems.items()}
             seconds = dict.fromkeys(translators, 0.0)
+            warmup = dict.fromkeys(translators, 0.0)
             outputs: dict[str, list[list[int]]] = {name: [] for name in translators}
-            for translate in translators.values():  # warm-up: first calls allocate / pick kernels
-                translate(batches[-1][:2])
+            # Warm-up: first calls allocate, pick kernels, compile. The first and the last batch:
+            # torch.compile specialises on size 1 (one sentence, one row at the first step).
+            for name, translate in translators.items():
+                start = time.perf_counter()
+                translate(batches[0])
+                translate(batches[-1])
+                warmup[name] = time.perf_counter() - start
             for batch in batches:
                 for name, translate in translators.items():
                     start = time.perf_counter()
@@ -192,6 +206,7 @@ def run(
                 same = sum(o[:cap] == r[:cap] for o, r in zip(outputs[name], reference))
                 rows.append({
                     "system": name, "precision": name.rsplit(" ", 1)[1], "seconds": round(seconds[name], 3),
+                    "warmup_seconds": round(warmup[name], 3),
                     "tokens_per_s": round(tokens / seconds[name], 1),
                     "sentences_per_s": round(len(reference) / seconds[name], 2),
                     "output_tokens": tokens, "same_output_as_aiayn": round(same / len(reference), 4),

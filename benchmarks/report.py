@@ -60,14 +60,17 @@ def _decoding(section: dict) -> list[str]:
         lines.append("")
         lines += _table(
             ["system", "tokens/s", "sentences/s", "aiayn fp32 / system", "aiayn fastest / system",
-             "same output as aiayn fp32"],
+             "same output as aiayn fp32", "warm-up s"],
             [[r["system"], f"{r['tokens_per_s']:,.0f}", r["sentences_per_s"], _ratio(ours_fp32, r["tokens_per_s"]),
-              _ratio(ours_best, r["tokens_per_s"]), f"{100 * r['same_output_as_aiayn']:.0f}%"]
+              _ratio(ours_best, r["tokens_per_s"]), f"{100 * r['same_output_as_aiayn']:.0f}%",
+              r.get("warmup_seconds", "-")]
              for r in rows],
         )
         summary = []
         for ours, peer in (("aiayn fp32", "HF Marian fp32"), ("aiayn bf16", "HF Marian bf16"),
-                           ("aiayn int8", "HF Marian int8"), ("aiayn fp32", "CTranslate2 fp32"),
+                           ("aiayn int8", "HF Marian int8"), ("aiayn bf16+compile", "HF Marian bf16"),
+                           ("aiayn int8+compile", "HF Marian int8"), ("aiayn fp32", "CTranslate2 fp32"),
+                           ("aiayn int8+compile", "CTranslate2 int8"),
                            ("aiayn int8", "CTranslate2 int8")):
             if ours in speed and peer in speed:
                 summary.append(f"{ours} / {peer} {_ratio(speed[ours], speed[peer])}")

@@ -34,7 +34,7 @@ ALL_TRAINING_SYSTEMS = [
 PLANS = {
     "smoke": {
         "training": {"tiny": {"vocab_size": 64, "max_tokens": 256, "warmup": 0, "steps": 1}},
-        "decoding": {"sentences": 4, "batch_sizes": [4], "beams": [1, 2]},
+        "decoding": {"sentences": 4, "batch_sizes": [4], "beams": [1, 2], "compile": False},
         "attention": {"lengths": [64, 512], "repeats": 1},
     },
     "quick": {
@@ -42,7 +42,7 @@ PLANS = {
             "small": {"vocab_size": 8000, "max_tokens": 4096, "warmup": 1, "steps": 3},
             "base": {"vocab_size": 37000, "max_tokens": 2048, "warmup": 1, "steps": 2},
         },
-        "decoding": {"sentences": 200, "batch_sizes": [32, 1], "beams": [1, 4]},
+        "decoding": {"sentences": 200, "batch_sizes": [32, 1], "beams": [1, 4], "compile": True},
         "attention": {"lengths": [128, 256, 512, 1024, 2048], "repeats": 2},
     },
     "full": {
@@ -50,7 +50,7 @@ PLANS = {
             "small": {"vocab_size": 8000, "max_tokens": 4096, "warmup": 2, "steps": 10},
             "base": {"vocab_size": 37000, "max_tokens": 4096, "warmup": 1, "steps": 5},
         },
-        "decoding": {"sentences": 1000, "batch_sizes": [32, 8, 1], "beams": [1, 4]},
+        "decoding": {"sentences": 1000, "batch_sizes": [32, 8, 1], "beams": [1, 4], "compile": True},
         "attention": {"lengths": [128, 256, 512, 1024, 2048, 4096, 8192], "repeats": 3},
     },
 }
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         sources = workload.decoding_sources(settings["sentences"], threads=threads)
         result["decoding"] = decoding.run(
             sources, batch_sizes=settings["batch_sizes"], beams=settings["beams"], threads=threads, device=device,
-            log=log,
+            compile=settings["compile"], log=log,
         )
     if "attention" in args.only:
         from benchmarks import attention_memory
