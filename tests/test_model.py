@@ -216,6 +216,30 @@ def test_incremental_decoding_matches_full_forward(overrides):
     assert cache.layers[0].cross_attn.keys is cross_keys
 
 
+def test_memory_rows_shared_by_beams_equal_expanded_memory():
+    # Beam search keeps one memory row per source for its K beams: decoding must equal the same
+    # decoding with the memory copied to every beam row, cached or not, weights included.
+    model = tiny_model()
+    beams = 3
+    src = random_tokens(2, 6)
+    src[1, -2:] = PAD
+    tgt = random_tokens(2 * beams, 4)  # rows 0-2 belong to source 0, rows 3-5 to source 1
+    shared = model.encode(src)
+    expanded = shared.reorder(torch.arange(2).repeat_interleave(beams))
+    full = model.decode(tgt, expanded, need_weights=True)
+    grouped = model.decode(tgt, shared, need_weights=True)
+    assert (grouped.logits - full.logits).abs().max().item() < 1e-5
+    for ours, theirs in zip(grouped.cross_attention, full.cross_attention):
+        assert ours.shape == (2 * beams, 4, 4, 6)
+        assert (ours - theirs).abs().max().item() < 1e-6
+    cache = model.new_cache()
+    steps = [model.decode(tgt[:, t : t + 1], shared, cache).logits for t in range(tgt.size(1))]
+    assert (torch.cat(steps, dim=1) - full.logits).abs().max().item() < 1e-5
+    assert cache.layers[0].cross_attn.keys.size(0) == 2  # cached once per source
+    with pytest.raises(ValueError, match="5 query rows cannot share 2 memory rows"):
+        model.decode(tgt[:5], shared)
+
+
 def test_cache_reorder_selects_rows():
     model = tiny_model()
     src = random_tokens(3, 5)

@@ -228,11 +228,14 @@ class ScriptedModel:
         return ScriptedCache(None)
 
     def decode(self, tgt_tokens, encoder_out, cache=None):
-        assert tgt_tokens.shape == (encoder_out.sources.numel(), 1)  # incremental, rows aligned
+        # Incremental; each source row serves G consecutive target rows (its beams), as in Transformer.decode.
+        rows, sources = tgt_tokens.size(0), encoder_out.sources.numel()
+        assert tgt_tokens.size(1) == 1 and rows % sources == 0
         cache.prefix = tgt_tokens if cache.prefix is None else torch.cat([cache.prefix, tgt_tokens], 1)
-        self.rows_per_step.append(tgt_tokens.size(0))
-        logits = torch.full((tgt_tokens.size(0), 1, self.vocab), float("-inf"))
-        for row, (source, prefix) in enumerate(zip(encoder_out.sources.tolist(), cache.prefix.tolist())):
+        self.rows_per_step.append(rows)
+        logits = torch.full((rows, 1, self.vocab), float("-inf"))
+        row_sources = encoder_out.sources.repeat_interleave(rows // sources).tolist()
+        for row, (source, prefix) in enumerate(zip(row_sources, cache.prefix.tolist())):
             assert prefix[0] == BOS
             dist = self.tables[source].get(tuple(prefix[1:]), self.default)
             for token, prob in dist.items():

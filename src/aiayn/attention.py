@@ -174,29 +174,45 @@ class MultiHeadAttention(nn.Module):
         """Attend from `query` [B, L, E] to itself (memory=None) or to `memory` [B, M, E].
 
         Args:
-            mask: bool, True = may attend, broadcastable to [B, H, L, M_total].
+            memory: [B / G, M, E] where G consecutive query rows share one memory row (beam search:
+                the G = K beams of a source), else [B, M, E].
+            mask: bool, True = may attend, broadcastable to [B, H, L, M_total] ([B / G, 1, 1, M]
+                with shared memory rows).
             cache: self-attention: new keys/values are appended and the full cache is attended;
                 cross-attention: filled from `memory` on first use, reused afterwards.
             need_weights: also return the attention weights [B, H, L, M_total].
         Returns:
             (output [B, L, E], weights or None)
+        Raises:
+            ValueError: the query rows are not a multiple of the memory rows.
         """
+        batch, length, _ = query.shape
         if memory is None:  # self-attention
             q, k, v = self.in_proj(query).chunk(3, dim=-1)  # 3 x [B, L, E]
             q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
             if cache is not None:
                 k, v = cache.append(k, v)  # [B, H, M_total, D]
         else:  # encoder-decoder attention
-            q = self._split_heads(self.in_proj.query(query))
+            memory_rows = memory.size(0)
+            if batch % memory_rows:
+                raise ValueError(f"{batch} query rows cannot share {memory_rows} memory rows")
+            # G rows sharing a memory row attend as one row of G * L queries: the keys and values
+            # are computed, cached and read once per source, not once per beam.
+            q = self.in_proj.query(query).view(memory_rows, batch // memory_rows * length, self.d_model)
+            q = self._split_heads(q)  # [B / G, H, G * L, D]
             if cache is not None and cache.keys is not None:
                 k, v = cache.keys, cache.values
             else:
-                kv = self.in_proj.key_value(memory)  # [B, M, 2E]
+                kv = self.in_proj.key_value(memory)  # [B / G, M, 2E]
                 k, v = (self._split_heads(t) for t in kv.chunk(2, dim=-1))
                 if cache is not None:  # stored contiguous: read by every decoding step
                     k, v = cache.append(k.contiguous(), v.contiguous())
         dropout_p = self.dropout if self.training else 0.0
         out, weights = scaled_dot_product_attention(q, k, v, mask, dropout_p, need_weights)
-        batch, _, length, _ = out.shape
+        # Rows of G * L queries unfold back into G rows of L (a no-op when G = 1).
         out = out.transpose(1, 2).reshape(batch, length, self.d_model)  # [B, L, E]
+        if weights is not None and weights.size(0) != batch:
+            heads, keys = weights.size(1), weights.size(-1)
+            weights = weights.view(weights.size(0), heads, -1, length, keys).transpose(1, 2)  # [B/G, G, H, L, M]
+            weights = weights.reshape(batch, heads, length, keys)
         return self.out_proj(out), weights

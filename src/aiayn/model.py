@@ -317,7 +317,9 @@ class Transformer(nn.Module):
             tgt_tokens: LongTensor [B, T]. Without a cache: the whole (right-padded) target input.
                 With a cache: only the new tokens (usually T = 1); earlier positions are read from
                 the cache, and the cache is updated in place.
-            encoder_out: from `encode` (rows aligned with tgt_tokens).
+            encoder_out: from `encode`: one row per tgt_tokens row, or one per G consecutive rows
+                that share a source (beam search: its K beams; the memory is then read once per
+                source, see `MultiHeadAttention`).
             cache: `DecoderCache.empty(n_decoder_layers)` before the first step, owned by the caller.
             need_weights: return self- and cross-attention weights of every layer and head.
             project: compute logits (False returns only hidden states, for a training loss that

@@ -223,7 +223,9 @@ def beam_search(
     device = src_tokens.device
 
     max_lens = max_output_lengths(model, src_tokens, max_len_a, max_len_b)  # [B]
-    encoder_out = model.encode(src_tokens)  # [B] rows now, one row per beam after the first step
+    # One memory row per sentence, shared by its K beams: the decoder's cross-attention reads a
+    # sentence's keys and values once for all its beams (and caches them once).
+    encoder_out = model.encode(src_tokens)  # [A] rows
     cache = model.new_cache()
     sentences = torch.arange(batch, device=device)  # original index of each active sentence [A]
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
@@ -270,15 +272,12 @@ def beam_search(
         keep = (~done).nonzero().squeeze(1)  # [A'] surviving sentences
         if step == 0:  # one row per sentence becomes one row per beam (dead slots copy it too)
             rows = keep.repeat_interleave(beam)  # [A'*K]
-            cache.reorder(rows)
-            encoder_out = encoder_out.reorder(rows)
         else:
             rows = (keep[:, None] * beam + next_beams[keep]).view(-1)  # [A'*K] parent row of each new beam
-            cache.reorder(rows, include_cross=False)  # beams move within a sentence only
-            if 0 < keep.numel() < active:  # rows of one sentence hold the same memory: reorder on drop only
-                kept_rows = (keep[:, None] * beam + torch.arange(beam, device=device)).view(-1)  # [A'*K]
-                encoder_out = encoder_out.reorder(kept_rows)
-                cache.reorder_cross(kept_rows)
+        cache.reorder(rows, include_cross=False)  # beams move within a sentence: memory rows stay
+        if 0 < keep.numel() < active:  # finished sentences leave the memory and its caches
+            encoder_out = encoder_out.reorder(keep)
+            cache.reorder_cross(keep)
         history = torch.cat([history[rows], next_tokens[keep].view(-1, 1)], dim=1)  # [A'*K, t+2]
         scores = next_scores[keep]
         sentences = sentences[keep]
