@@ -69,10 +69,10 @@ def cast_for_inference(model, precision: str, device: str | torch.device = "cpu"
         from aiayn.quantize import quantize_int8
 
         model = quantize_int8(model.float().cpu())
-        return compile_decoder(model) if compile else model
+        return compile_decoder(model, freeze=False) if compile else model
     model = model.to(device)
     if compile:
-        return compile_decoder(model)
+        return compile_decoder(model, freeze=True)
     if device.type == "cpu":
         from aiayn import prepack
 
@@ -81,19 +81,30 @@ def cast_for_inference(model, precision: str, device: str | torch.device = "cpu"
     return model
 
 
-def compile_decoder(model):
+def compile_decoder(model, *, freeze: bool):
     """Route `model.decode` through `torch.compile`, in place; returns the model.
 
     Inductor fuses what eager mode runs as separate small ops (int8 quantise / rescale, residual
     adds, LayerNorm, softmax) and calls the decoder step as one graph, so the per-op overhead of
     incremental decoding mostly goes. Shapes are dynamic (batch, cache and source lengths change
-    at every step) and the weights are frozen (constant-folded; inductor pre-packs bf16 linear
-    layers for oneDNN itself). The encoder runs eagerly: it runs once per batch.
-    Measured on the 2-core AVX-512 CPU, beam 4, 1 thread (see benchmarks/RESULTS.md): int8
-    1.5-1.8x at batch 1 and 1.2-1.3x at batch 32; bf16 1.2-1.45x over pre-packed eager; fp32 is
-    slower than pre-packed eager there (inductor uses MKL for fp32 linear layers).
+    at every step). The encoder runs eagerly: it runs once per batch.
+
+    freeze: treat the weights as constants (inductor then pre-packs float linear layers for
+    oneDNN itself). For float models only: with int8 layers (`aiayn.quantize`) freezing makes
+    this PyTorch's compiled step produce no usable scores.
     """
-    model.decode = torch.compile(model.decode, dynamic=True, options={"freezing": True})
+    compiled = torch.compile(model.decode, dynamic=True)
+    if not freeze:
+        model.decode = compiled
+        return model
+
+    def decode(*args, **kwargs):
+        # Compilation happens at first calls (and on recompiles). `torch.compile(options=...)`
+        # leaves the linear layers unpacked in this PyTorch; patching the config freezes them.
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(*args, **kwargs)
+
+    model.decode = decode
     return model
 
 
