@@ -114,7 +114,7 @@ def run(
     """Tokens/s and sentences/s of every available system for each batch size and beam size.
 
     Large batches measure the matmuls; batch 1 (interactive use) measures the per-step overhead.
-    compile=True adds aiayn bf16 and int8 with the decoder step through torch.compile
+    compile=True adds aiayn bf16 and int8 with encoder and decoder step through torch.compile
     (`Translator(compile=True)`); their compilation happens in the untimed warm-up, whose
     seconds are reported apart.
     """

@@ -56,8 +56,8 @@ def cast_for_inference(model, precision: str, device: str | torch.device = "cpu"
     arithmetic, 1.1-2.6x faster matrix products at decoding sizes). The model serves inference
     only afterwards.
 
-    compile=True runs `model.decode` through `torch.compile` (`compile_decoder`) instead of
-    pre-packing: the first calls take seconds to minutes while the kernels are generated.
+    compile=True runs the encoder and the decoder step through `torch.compile` (`compile_model`)
+    instead of pre-packing: the first calls take seconds to minutes while kernels are generated.
     Raises:
         ValueError: unknown precision, or int8 on a device other than the CPU.
     """
@@ -69,10 +69,10 @@ def cast_for_inference(model, precision: str, device: str | torch.device = "cpu"
         from aiayn.quantize import quantize_int8
 
         model = quantize_int8(model.float().cpu())
-        return compile_decoder(model, freeze=False) if compile else model
+        return compile_model(model, freeze=False) if compile else model
     model = model.to(device)
     if compile:
-        return compile_decoder(model, freeze=True)
+        return compile_model(model, freeze=True)
     if device.type == "cpu":
         from aiayn import prepack
 
@@ -81,31 +81,36 @@ def cast_for_inference(model, precision: str, device: str | torch.device = "cpu"
     return model
 
 
-def compile_decoder(model, *, freeze: bool):
-    """Route `model.decode` through `torch.compile`, in place; returns the model.
+def compile_model(model, *, freeze: bool):
+    """Route `model.encode` and `model.decode` through `torch.compile`, in place; returns the model.
 
     Inductor fuses what eager mode runs as separate small ops (int8 quantise / rescale, residual
-    adds, LayerNorm, softmax) and calls the decoder step as one graph, so the per-op overhead of
+    adds, LayerNorm, softmax) and calls a decoder step as one graph, so the per-op overhead of
     incremental decoding mostly goes. Shapes are dynamic (batch, cache and source lengths change
-    at every step). The encoder runs eagerly: it runs once per batch.
+    at every step).
 
     freeze: treat the weights as constants (inductor then pre-packs float linear layers for
     oneDNN itself). For float models only: with int8 layers (`aiayn.quantize`) freezing makes
     this PyTorch's compiled step produce no usable scores.
     """
-    compiled = torch.compile(model.decode, dynamic=True)
-    if not freeze:
-        model.decode = compiled
-        return model
+    # Dynamo keeps at most `recompile_limit` graphs per code object, shared by every compiled
+    # model (all run Transformer.decode), then falls back to eager. One model needs about 8 (first
+    # step / cache length 1 / longer; one row / more rows; with / without weights).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for name in ("encode", "decode"):
+        compiled = torch.compile(getattr(model, name), dynamic=True)
+        setattr(model, name, _frozen(compiled) if freeze else compiled)
+    return model
 
-    def decode(*args, **kwargs):
+
+def _frozen(compiled):
+    def call(*args, **kwargs):
         # Compilation happens at first calls (and on recompiles). `torch.compile(options=...)`
         # leaves the linear layers unpacked in this PyTorch; patching the config freezes them.
         with torch._inductor.config.patch(freezing=True):
             return compiled(*args, **kwargs)
 
-    model.decode = decode
-    return model
+    return call
 
 
 class Translator:
@@ -119,7 +124,7 @@ class Translator:
             `device`); the positional table, log-softmax and scores stay float32. Casting once is
             faster than torch.autocast, which re-casts the weights on every call (1.16x at beam 4).
             "int8" (CPU only): linear layers in int8 arithmetic (see `cast_for_inference`).
-        compile: run the decoder step through `torch.compile` (`compile_decoder`); the first
+        compile: run the encoder and decoder step through `torch.compile` (`compile_model`); the first
             translations are slow while it compiles.
         info: the model directory's info dict (e.g. "src_lang", "tgt_lang").
     Raises:
@@ -271,4 +276,4 @@ class Translator:
         )
 
 
-__all__ = ["PRECISIONS", "AttentionResult", "Translator", "cast_for_inference", "compile_decoder"]
+__all__ = ["PRECISIONS", "AttentionResult", "Translator", "cast_for_inference", "compile_model"]
