@@ -62,18 +62,18 @@ def cast_for_inference(model, precision: str, device: str | torch.device = "cpu"
         ValueError: unknown precision, or int8 on a device other than the CPU.
     """
     device = _check_precision(precision, device)
-    if precision == "bf16":
-        model.to(torch.bfloat16)
-        model.positions.float()
-    elif precision == "int8":
+    if precision == "int8":
         from aiayn.quantize import quantize_int8
 
         model = quantize_int8(model.float().cpu())
-        return compile_model(model, freeze=False) if compile else model
-    model = model.to(device)
+    else:
+        if precision == "bf16":
+            model.to(torch.bfloat16)
+            model.positions.float()
+        model = model.to(device)
     if compile:
-        return compile_model(model, freeze=True)
-    if device.type == "cpu":
+        return compile_model(model, freeze=precision != "int8")
+    if device.type == "cpu" and precision != "int8":
         from aiayn import prepack
 
         if prepack.available():
@@ -104,11 +104,17 @@ def compile_model(model, *, freeze: bool):
 
 
 def _frozen(compiled):
+    config = torch._inductor.config
+
     def call(*args, **kwargs):
         # Compilation happens at first calls (and on recompiles). `torch.compile(options=...)`
-        # leaves the linear layers unpacked in this PyTorch; patching the config freezes them.
-        with torch._inductor.config.patch(freezing=True):
+        # leaves the linear layers unpacked in this PyTorch; setting the config freezes them.
+        # Set and restored by hand: `config.patch` costs 16 us per decoder step, this 4 us.
+        saved, config.freezing = config.freezing, True
+        try:
             return compiled(*args, **kwargs)
+        finally:
+            config.freezing = saved
 
     return call
 
