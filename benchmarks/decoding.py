@@ -39,7 +39,7 @@ import torch
 from aiayn.config import ModelConfig
 from aiayn.model import Transformer
 from aiayn.search import beam_search, greedy_search
-from aiayn.translator import cast_for_inference
+from aiayn.translator import cast_for_inference, retain_freed_memory
 
 from benchmarks.peers import ct2_from_marian, marian_from_aiayn, vocabulary
 
@@ -117,6 +117,9 @@ def run(
     compile=True adds aiayn bf16 and int8 with encoder and decoder step through torch.compile
     (`Translator(compile=True)`); their compilation happens in the untimed warm-up, whose
     seconds are reported apart.
+
+    All systems run in this one process, with the same allocator settings: glibc malloc keeps freed
+    memory (`retain_freed_memory`, which aiayn's inference setup calls) for the peers too.
     """
     torch.manual_seed(seed)
     config = ModelConfig.preset("small")
@@ -124,6 +127,8 @@ def run(
     cap = round(sources.mean_reference_length)
     order = sorted(range(len(sources.ids)), key=lambda i: len(sources.ids[i]), reverse=True)
     notes = []
+    if retain_freed_memory():
+        notes.append("glibc malloc keeps freed memory (aiayn.translator.retain_freed_memory) for every system")
     # What Translator(precision=...) runs: on the CPU, fp32 and bf16 linear layers pre-packed for oneDNN.
     model_fp32 = cast_for_inference(copy.deepcopy(model), "fp32", device)
     model_bf16 = cast_for_inference(copy.deepcopy(model), "bf16", device)
