@@ -119,10 +119,13 @@ def max_output_lengths(model, src_tokens: Tensor, max_len_a: float, max_len_b: i
     return lengths.clamp(min=0, max=model.config.max_positions - 1)
 
 
-def _next_token_scores(model, last_tokens: Tensor, encoder_out, cache, at_max: Tensor, *, log_probs: bool) -> Tensor:
+def _next_token_scores(
+    model, last_tokens: Tensor, encoder_out, cache, at_max: Tensor | None, *, log_probs: bool
+) -> Tensor:
     """One decoder step: float32 [N, V] next-token log-probs (or raw logits, for an argmax).
 
-    <pad> and <s> are never generated; rows where `at_max` (bool [N]) may only produce EOS.
+    <pad> and <s> are never generated; rows where `at_max` (bool [N], None = no row) may only
+    produce EOS.
     """
     config = model.config
     scores = model.decode(last_tokens, encoder_out, cache=cache).logits[:, -1].float()  # [N, V]
@@ -130,7 +133,7 @@ def _next_token_scores(model, last_tokens: Tensor, encoder_out, cache, at_max: T
         torch.log_softmax(scores, dim=-1, out=scores)
     scores[:, config.pad_id] = float("-inf")
     scores[:, config.bos_id] = float("-inf")
-    if at_max.any():
+    if at_max is not None:
         eos_column = scores[:, config.eos_id].clone()
         scores[at_max] = float("-inf")
         scores[:, config.eos_id] = eos_column
@@ -160,13 +163,15 @@ def greedy_search(
     if encoder_out is None:
         encoder_out = model.encode(src_tokens)
     max_lens = max_output_lengths(model, src_tokens, max_len_a, max_len_b)  # [B]
+    shortest_max_len = int(max_lens.min()) if batch else 0  # of the active rows
     rows = torch.arange(batch, device=device)  # original index of each active row
     outputs: list[list[int]] = [[] for _ in range(batch)]
     last = torch.full((batch, 1), config.bos_id, dtype=torch.long, device=device)  # [A, 1]
     cache = model.new_cache()
     step = 0
     while rows.numel():
-        logits = _next_token_scores(model, last, encoder_out, cache, max_lens[rows] <= step, log_probs=False)
+        at_max = max_lens[rows] <= step if step >= shortest_max_len else None  # [A] or None
+        logits = _next_token_scores(model, last, encoder_out, cache, at_max, log_probs=False)
         next_tokens = logits.argmax(dim=-1)  # [A]: the argmax of the logits is that of the log-probs
         finished = next_tokens == config.eos_id
         for row, token in zip(rows.tolist(), next_tokens.tolist()):
@@ -177,6 +182,7 @@ def greedy_search(
             cache.reorder(keep)
             encoder_out = encoder_out.reorder(keep)
             rows, next_tokens = rows[keep], next_tokens[keep]
+            shortest_max_len = int(max_lens[rows].min()) if rows.numel() else 0
         last = next_tokens[:, None]  # [A, 1]
         step += 1
     return outputs
@@ -227,27 +233,32 @@ def beam_search(
     # sentence's keys and values once for all its beams (and caches them once).
     encoder_out = model.encode(src_tokens)  # [A] rows
     cache = model.new_cache()
-    sentences = torch.arange(batch, device=device)  # original index of each active sentence [A]
+    # Bookkeeping per active sentence in Python lists (cheaper than tensor ops at small batches).
+    sentences = list(range(batch))  # original index of each active sentence [A]
+    max_len_of = max_lens.tolist()
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
     # All beams start identical (BOS), so only slot 0 is live at first, and the first decoder step
     # runs once per sentence (R = 1 row per sentence); from the second step on R = K.
     scores = torch.full((batch, beam), float("-inf"), device=device)  # [A, K]
     scores[:, 0] = 0.0
     history = torch.full((batch, 1), config.bos_id, dtype=torch.long, device=device)  # [A*R, t+1]
+    candidate_positions = None  # arange(C), made at the first step
     step = 0
-    while sentences.numel():
-        active = sentences.numel()
+    while sentences:
+        active = len(sentences)
         rows_per_sentence = 1 if step == 0 else beam
-        at_max = (max_lens[sentences] <= step).repeat_interleave(rows_per_sentence)  # [A*R]
-        log_probs = _next_token_scores(model, history[:, -1:], encoder_out, cache, at_max, log_probs=True)
+        at_max = [max_len_of[s] <= step for s in sentences]
+        at_max_rows = (  # [A*R] or None
+            torch.tensor(at_max, device=device).repeat_interleave(rows_per_sentence) if any(at_max) else None
+        )
+        log_probs = _next_token_scores(model, history[:, -1:], encoder_out, cache, at_max_rows, log_probs=True)
         log_probs = log_probs.view(active, rows_per_sentence, -1).expand(-1, beam, -1)  # [A, K, V]
         cand_scores, cand_beams, cand_tokens = beam_step(scores, log_probs)  # [A, C]
 
         # Finish the hypotheses whose EOS ranks among the top K candidates.
-        is_eos = (cand_tokens == eos) & torch.isfinite(cand_scores)  # [A, C]
-        is_eos[:, beam:] = False
+        is_eos = (cand_tokens[:, :beam] == eos) & torch.isfinite(cand_scores[:, :beam])  # [A, min(K, C)]
         for a, c in is_eos.nonzero().tolist():
-            sentence = int(sentences[a])
+            sentence = sentences[a]
             if len(finished[sentence]) < beam:
                 tokens = history[a * rows_per_sentence + int(cand_beams[a, c]), 1:].tolist()
                 log_prob = float(cand_scores[a, c])
@@ -258,17 +269,18 @@ def beam_search(
         # The next beam: the K best candidates that are not EOS (there are at least K of the 2K).
         # Same trick as fairseq: push EOS candidates behind all others, take the K smallest keys.
         cand_count = cand_tokens.size(1)
-        order_key = (cand_tokens == eos).long() * cand_count + torch.arange(cand_count, device=device)
+        if candidate_positions is None:
+            candidate_positions = torch.arange(cand_count, device=device)  # [C]
+        order_key = (cand_tokens == eos).long() * cand_count + candidate_positions
         chosen = order_key.topk(beam, dim=1, largest=False).indices.sort(dim=1).values  # [A, K]
         # With a tiny vocabulary there can be fewer than 2K candidates: pad the selection with -inf.
-        next_scores = cand_scores.gather(1, chosen)  # [A, K]
-        next_scores = next_scores.masked_fill(cand_tokens.gather(1, chosen) == eos, float("-inf"))
-        next_beams = cand_beams.gather(1, chosen)  # [A, K]
         next_tokens = cand_tokens.gather(1, chosen)  # [A, K]
+        next_scores = cand_scores.gather(1, chosen).masked_fill(next_tokens == eos, float("-inf"))  # [A, K]
+        next_beams = cand_beams.gather(1, chosen)  # [A, K]
 
         done = torch.tensor(
-            [len(finished[int(s)]) >= beam for s in sentences], dtype=torch.bool, device=device
-        ) | (max_lens[sentences] <= step) | ~torch.isfinite(next_scores).any(dim=1)  # [A]
+            [len(finished[s]) >= beam or reached for s, reached in zip(sentences, at_max)], device=device
+        ) | ~torch.isfinite(next_scores).any(dim=1)  # [A]
         keep = (~done).nonzero().squeeze(1)  # [A'] surviving sentences
         if step == 0:  # one row per sentence becomes one row per beam (dead slots copy it too)
             rows = keep.repeat_interleave(beam)  # [A'*K]
@@ -280,7 +292,7 @@ def beam_search(
             cache.reorder_cross(keep)
         history = torch.cat([history[rows], next_tokens[keep].view(-1, 1)], dim=1)  # [A'*K, t+2]
         scores = next_scores[keep]
-        sentences = sentences[keep]
+        sentences = [sentences[a] for a in keep.tolist()]
         step += 1
 
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]
