@@ -230,5 +230,6 @@ def test_retain_freed_memory_stops_page_faults_between_steps():
         return float(result.stdout.strip())
 
     default, retained = faults_per_step("default"), faults_per_step("retain")
-    assert retained <= 1.0, f"{retained} page faults per step with freed memory retained"
-    assert default >= 10.0, f"the pattern should fault under glibc's defaults, got {default} per step"
+    # Measured: 450-640 per step under the defaults, 0.3-1.1 retained (a stray fault or two remain).
+    assert retained <= 5.0, f"{retained} page faults per step with freed memory retained"
+    assert default >= 50.0, f"the pattern should fault under glibc's defaults, got {default} per step"
