@@ -39,7 +39,8 @@ import torch
 from aiayn.config import ModelConfig
 from aiayn.model import Transformer
 from aiayn.search import beam_search, greedy_search
-from aiayn.translator import cast_for_inference, retain_freed_memory
+from aiayn.allocator import retain_freed_memory
+from aiayn.translator import cast_for_inference
 
 from benchmarks.peers import ct2_from_marian, marian_from_aiayn, vocabulary
 
@@ -128,7 +129,7 @@ def run(
     order = sorted(range(len(sources.ids)), key=lambda i: len(sources.ids[i]), reverse=True)
     notes = []
     if retain_freed_memory():
-        notes.append("glibc malloc keeps freed memory (aiayn.translator.retain_freed_memory) for every system")
+        notes.append("glibc malloc keeps freed memory (aiayn.allocator.retain_freed_memory) for every system")
     # What Translator(precision=...) runs: on the CPU, fp32 and bf16 linear layers pre-packed for oneDNN.
     model_fp32 = cast_for_inference(copy.deepcopy(model), "fp32", device)
     model_bf16 = cast_for_inference(copy.deepcopy(model), "bf16", device)

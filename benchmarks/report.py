@@ -16,7 +16,8 @@ def _ratio(a: float | None, b: float | None) -> str:
 def _training(section: dict) -> list[str]:
     lines = ["### Training throughput (target tokens/s, full step: forward + backward + Adam)", "",
              f"Batches: {section['lengths']}; loss: {section['loss']}, aiayn projects only non-padding "
-             "positions, the peers every position.", ""]
+             "positions, the peers every position."
+             + (f" Allocator (every system): {section['allocator']}." if "allocator" in section else ""), ""]
     for preset, shape in section["shapes"].items():
         config = shape["config"]
         lines.append(

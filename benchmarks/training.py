@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from aiayn.allocator import retain_freed_memory
 from aiayn.config import ModelConfig
 from aiayn.data import Batch
 from aiayn.model import Transformer
@@ -172,10 +173,16 @@ def run(
     peak_tflops: float | None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Every shape in `shapes` ({preset: {"max_tokens", "steps", "warmup", "vocab_size"}})."""
+    """Every shape in `shapes` ({preset: {"max_tokens", "steps", "warmup", "vocab_size"}}).
+
+    All systems run in this one process with the allocator setting `aiayn.train.fit` uses on the
+    CPU (`retain_freed_memory`: glibc keeps freed memory, no page faults between steps).
+    """
     from benchmarks.workload import training_batches
 
     out = {"lengths": lengths.origin, "loss": f"label-smoothed CE, eps {LABEL_SMOOTHING}", "shapes": {}}
+    if device.type == "cpu":
+        out["allocator"] = "glibc keeps freed memory" if retain_freed_memory() else "default"
     for preset, plan in shapes.items():
         config = ModelConfig.preset(preset, vocab_size=plan["vocab_size"])
         batches = training_batches(

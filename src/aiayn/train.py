@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from aiayn.allocator import retain_freed_memory
 from aiayn.config import ModelConfig
 from aiayn.model import Transformer
 from aiayn.tokenizer import Tokenizer
@@ -347,6 +348,8 @@ def fit(
     device = torch.device(f"cuda:{local_rank}" if config.device == "cuda" else "cpu")
     if config.threads:
         torch.set_num_threads(config.threads)
+    if device.type == "cpu":  # no page faults for the activations re-allocated at every step
+        retain_freed_memory()
     info = info or {}
 
     torch.manual_seed(config.seed + rank)

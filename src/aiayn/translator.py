@@ -8,9 +8,6 @@ Shape legend: L layers, H heads, S source pieces, T target pieces + 1 (BOS / EOS
 
 from __future__ import annotations
 
-import ctypes
-import os
-import platform
 import sys
 import warnings
 from dataclasses import dataclass
@@ -20,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from aiayn.allocator import retain_freed_memory
 from aiayn.search import beam_search
 
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -48,42 +46,6 @@ def _check_precision(precision: str, device: str | torch.device) -> torch.device
     return device
 
 
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_retained = False
-
-
-def retain_freed_memory() -> bool:
-    """Keep memory that tensors free inside the process (glibc malloc) instead of returning it.
-
-    Decoding allocates tensors of new sizes at every step (the self-attention cache grows by one
-    position, beams are reordered, finished sentences leave), and with glibc's default thresholds
-    much of what a step frees goes back to the kernel (trimmed heap top, mmap'd chunks), so the next
-    step page-faults it in again: 320-550 page faults per beam-4 step at 32 sentences (`small`
-    preset, 1 thread), none after this call. The same effect as setting MALLOC_MMAP_THRESHOLD_ and
-    MALLOC_TRIM_THRESHOLD_ before Python starts (jemalloc / tcmalloc, which PyTorch's CPU
-    performance guide recommends, do the same by design). Process-wide; the resident memory stays
-    at its peak. Left alone where the user set either variable or GLIBC_TUNABLES.
-
-    Returns:
-        True where applied (now or by an earlier call): Linux with glibc; False elsewhere.
-    """
-    global _retained
-    if _retained:
-        return True
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    if any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    # 1 GiB: chunks below it come from the heap and stay there when freed (no munmap, no trim).
-    _retained = bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
-    return _retained
-
-
 def cast_for_inference(model, precision: str, device: str | torch.device = "cpu", *, compile: bool = False):
     """The model in `precision` on `device`, converted in place and returned.
 
@@ -97,7 +59,7 @@ def cast_for_inference(model, precision: str, device: str | torch.device = "cpu"
 
     compile=True runs the encoder and the decoder step through `torch.compile` (`compile_model`)
     instead of pre-packing: the first calls take seconds to minutes while kernels are generated.
-    On the CPU this also calls `retain_freed_memory` (no page faults between decoding steps).
+    On the CPU this also calls `aiayn.allocator.retain_freed_memory` (no page faults between steps).
     Raises:
         ValueError: unknown precision, or int8 on a device other than the CPU.
     """
@@ -324,6 +286,4 @@ class Translator:
         )
 
 
-__all__ = [
-    "PRECISIONS", "AttentionResult", "Translator", "cast_for_inference", "compile_model", "retain_freed_memory",
-]
+__all__ = ["PRECISIONS", "AttentionResult", "Translator", "cast_for_inference", "compile_model"]
