@@ -257,6 +257,24 @@ def test_cache_reorder_selects_rows():
     assert empty.length == 0
 
 
+def test_kv_cache_reorders_compose_and_apply_on_append_or_read():
+    keys = torch.arange(4.0).view(4, 1, 1, 1)  # row r holds the value r
+    cache = KVCache()
+    cache.append(keys, -keys)
+    cache.reorder(torch.tensor([3, 1, 0, 2]))
+    cache.reorder(torch.tensor([2, 2, 1]))  # rows of the reordered cache: [0, 0, 1] of the original
+    assert cache.keys.size(0) == 4  # nothing gathered yet
+    new = torch.full((3, 1, 1, 1), 9.0)
+    all_keys, all_values = cache.append(new, -new)
+    assert all_keys.flatten(1).tolist() == [[0.0, 9.0], [0.0, 9.0], [1.0, 9.0]]
+    assert all_values.flatten(1).tolist() == [[0.0, -9.0], [0.0, -9.0], [-1.0, -9.0]]
+    assert cache.order is None and cache.length == 2
+    cache.reorder(torch.tensor([2]))
+    read_keys, read_values = cache.read()
+    assert read_keys.flatten(1).tolist() == [[1.0, 9.0]] and read_values.flatten(1).tolist() == [[-1.0, -9.0]]
+    assert cache.read()[0] is read_keys  # applied once
+
+
 def test_returned_attention_weights():
     model = tiny_model()
     src = random_tokens(2, 6)
