@@ -36,10 +36,10 @@ from typing import Callable
 
 import torch
 
+from aiayn.allocator import retain_freed_memory
 from aiayn.config import ModelConfig
 from aiayn.model import Transformer
 from aiayn.search import beam_search, greedy_search
-from aiayn.allocator import retain_freed_memory
 from aiayn.translator import cast_for_inference
 
 from benchmarks.peers import ct2_from_marian, marian_from_aiayn, vocabulary

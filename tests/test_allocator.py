@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from aiayn.allocator import OPT_OUT_VARIABLES
+
 
 # A decoding-like allocation pattern: a cache that grows by one position per step, reordered, and a
 # fresh 4 MB logits tensor. Prints the page faults per step after a warm-up.
@@ -30,7 +32,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 60)
 
 @pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc malloc only")
 def test_retain_freed_memory_stops_page_faults_between_steps():
-    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")}
+    env = {k: v for k, v in os.environ.items() if k not in OPT_OUT_VARIABLES}
 
     def faults_per_step(mode: str) -> float:
         result = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], env=env, capture_output=True, text=True)

@@ -13,6 +13,8 @@ import sys
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _retained = False
+# Set by the user before Python starts: their choice wins.
+OPT_OUT_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
 
 def retain_freed_memory() -> bool:
@@ -38,7 +40,7 @@ def retain_freed_memory() -> bool:
         return True
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False
-    if any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")):
+    if any(name in os.environ for name in OPT_OUT_VARIABLES):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -49,4 +51,4 @@ def retain_freed_memory() -> bool:
     return _retained
 
 
-__all__ = ["retain_freed_memory"]
+__all__ = ["OPT_OUT_VARIABLES", "retain_freed_memory"]

@@ -5,11 +5,12 @@ C = 2K candidates per sentence.
 
 Layout follows fairseq: a pure `beam_step` (fairseq `search.py` BeamSearch.step) that picks the top
 2K (score, beam, token) candidates, and a short loop (fairseq `sequence_generator.py`) that owns the
-decoding state: the encoder output, expanded to one row per beam, and the caller-owned KV cache
-(`model.new_cache()`), reordered by the chosen beams each step. Cross-attention keys / values are
-computed on the first step and then only reordered. Sentences that are done are dropped from the
-batch (`cache.reorder` / `EncoderOutput.reorder` with the surviving rows), so they stop costing
-compute, and every sentence is decoded exactly as it would be on its own (padding invariance).
+decoding state: the encoder output, one row per sentence shared by its K beams, and the
+caller-owned KV cache (`model.new_cache()`), whose self-attention part is reordered by the chosen
+beams each step. Cross-attention keys / values are computed on the first step, once per sentence.
+Sentences that are done are dropped from the batch (`cache.reorder` / `cache.reorder_cross` /
+`EncoderOutput.reorder` with the surviving rows), so they stop costing compute, and every sentence
+is decoded exactly as it would be on its own (padding invariance).
 
 Conventions:
     * Outputs are token ids without BOS / EOS.

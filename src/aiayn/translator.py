@@ -152,7 +152,12 @@ class Translator:
 
     @classmethod
     def load(
-        cls, model_dir: str | Path, *, device: str | torch.device = "cpu", precision: str = "fp32", compile: bool = False
+        cls,
+        model_dir: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        compile: bool = False,
     ) -> Translator:
         """A Translator for a model directory written by `aiayn.train.save_model`."""
         from aiayn.train import load_model
