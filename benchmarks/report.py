@@ -68,11 +68,11 @@ def _decoding(section: dict) -> list[str]:
              for r in rows],
         )
         summary = []
-        for ours, peer in (("aiayn fp32", "HF Marian fp32"), ("aiayn bf16", "HF Marian bf16"),
-                           ("aiayn int8", "HF Marian int8"), ("aiayn bf16+compile", "HF Marian bf16"),
-                           ("aiayn int8+compile", "HF Marian int8"), ("aiayn fp32", "CTranslate2 fp32"),
-                           ("aiayn int8+compile", "CTranslate2 int8"),
-                           ("aiayn int8", "CTranslate2 int8")):
+        for ours, peer in (("aiayn fp32", "HF Marian fp32"), ("aiayn fp32+compile", "HF Marian fp32"),
+                           ("aiayn bf16", "HF Marian bf16"), ("aiayn bf16+compile", "HF Marian bf16"),
+                           ("aiayn int8", "HF Marian int8"), ("aiayn int8+compile", "HF Marian int8"),
+                           ("aiayn fp32", "CTranslate2 fp32"), ("aiayn fp32+compile", "CTranslate2 fp32"),
+                           ("aiayn int8", "CTranslate2 int8"), ("aiayn int8+compile", "CTranslate2 int8")):
             if ours in speed and peer in speed:
                 summary.append(f"{ours} / {peer} {_ratio(speed[ours], speed[peer])}")
         hf = [v for k, v in speed.items() if k.startswith("HF")]
