@@ -222,8 +222,8 @@ def _add_decode_options(p: argparse.ArgumentParser, *, model_required: bool = Tr
     p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
                    help="bf16: weights cast to bfloat16; int8: linear layers in int8 arithmetic (CPU only)")
     p.add_argument("--compile", action="store_true",
-                   help="run the encoder and decoder step through torch.compile: the fastest int8 / bf16 "
-                        "decoding, after a one-time compilation of about a minute")
+                   help="run the encoder and decoder step through torch.compile: the fastest decoding at "
+                        "every precision, after a one-time compilation of about a minute")
 
 
 def _read_input_lines(path: str | None) -> list[str]:

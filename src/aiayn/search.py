@@ -242,8 +242,8 @@ def beam_search(
     # runs once per sentence (R = 1 row per sentence); from the second step on R = K.
     scores = torch.full((batch, beam), float("-inf"), device=device)  # [A, K]
     scores[:, 0] = 0.0
-    history = torch.full((batch, 1), config.bos_id, dtype=torch.long, device=device)  # [A*R, t+1]
-    candidate_positions = None  # arange(C), made at the first step
+    history = [[config.bos_id] for _ in range(batch)]  # [A*R] rows of BOS + tokens
+    last_tokens = torch.full((batch, 1), config.bos_id, dtype=torch.long, device=device)  # [A*R, 1]
     step = 0
     while sentences:
         active = len(sentences)
@@ -252,51 +252,53 @@ def beam_search(
         at_max_rows = (  # [A*R] or None
             torch.tensor(at_max, device=device).repeat_interleave(rows_per_sentence) if any(at_max) else None
         )
-        log_probs = _next_token_scores(model, history[:, -1:], encoder_out, cache, at_max_rows, log_probs=True)
+        log_probs = _next_token_scores(model, last_tokens, encoder_out, cache, at_max_rows, log_probs=True)
         log_probs = log_probs.view(active, rows_per_sentence, -1).expand(-1, beam, -1)  # [A, K, V]
         cand_scores, cand_beams, cand_tokens = beam_step(scores, log_probs)  # [A, C]
 
-        # Finish the hypotheses whose EOS ranks among the top K candidates.
-        is_eos = (cand_tokens[:, :beam] == eos) & torch.isfinite(cand_scores[:, :beam])  # [A, min(K, C)]
-        for a, c in is_eos.nonzero().tolist():
-            sentence = sentences[a]
-            if len(finished[sentence]) < beam:
-                tokens = history[a * rows_per_sentence + int(cand_beams[a, c]), 1:].tolist()
-                log_prob = float(cand_scores[a, c])
-                finished[sentence].append(
-                    Hypothesis(tokens, log_prob / _lp(len(tokens) + 1, alpha), log_prob)
-                )
+        # The rest of the step is bookkeeping on 2K candidates per sentence, in Python lists.
+        keep: list[int] = []  # surviving sentences [A']
+        rows: list[int] = []  # parent row of each new beam [A'*K]
+        next_tokens: list[int] = []  # [A'*K]
+        next_scores: list[float] = []  # [A'*K]
+        for a, (sentence, c_scores, c_beams, c_tokens) in enumerate(
+            zip(sentences, cand_scores.tolist(), cand_beams.tolist(), cand_tokens.tolist())
+        ):
+            hyps = finished[sentence]
+            # One row per sentence at the first step (R = 1): every candidate's parent is that row.
+            parents = [a * rows_per_sentence + (b if rows_per_sentence > 1 else 0) for b in c_beams]
+            # Finish the hypotheses whose EOS ranks among the top K candidates.
+            for c in range(min(beam, len(c_tokens))):
+                if c_tokens[c] == eos and c_scores[c] > _NEG_INF and len(hyps) < beam:
+                    tokens = history[parents[c]][1:]
+                    hyps.append(Hypothesis(tokens, c_scores[c] / _lp(len(tokens) + 1, alpha), c_scores[c]))
+            # The next beam: the K best candidates that are not EOS (there are at least K of the 2K).
+            chosen = [c for c, token in enumerate(c_tokens) if token != eos][:beam]
+            if len(chosen) < beam:  # a tiny vocabulary: EOS candidates fill dead slots (score -inf)
+                chosen += [c for c, token in enumerate(c_tokens) if token == eos][: beam - len(chosen)]
+            live = [c_scores[c] if c_tokens[c] != eos else _NEG_INF for c in chosen]
+            if len(hyps) >= beam or at_max[a] or not any(score > _NEG_INF for score in live):
+                continue  # done: it leaves the batch
+            keep.append(a)
+            rows += [parents[c] for c in chosen]
+            next_tokens += [c_tokens[c] for c in chosen]
+            next_scores += live
 
-        # The next beam: the K best candidates that are not EOS (there are at least K of the 2K).
-        # Same trick as fairseq: push EOS candidates behind all others, take the K smallest keys.
-        cand_count = cand_tokens.size(1)
-        if candidate_positions is None:
-            candidate_positions = torch.arange(cand_count, device=device)  # [C]
-        order_key = (cand_tokens == eos).long() * cand_count + candidate_positions
-        chosen = order_key.topk(beam, dim=1, largest=False).indices.sort(dim=1).values  # [A, K]
-        # With a tiny vocabulary there can be fewer than 2K candidates: pad the selection with -inf.
-        next_tokens = cand_tokens.gather(1, chosen)  # [A, K]
-        next_scores = cand_scores.gather(1, chosen).masked_fill(next_tokens == eos, float("-inf"))  # [A, K]
-        next_beams = cand_beams.gather(1, chosen)  # [A, K]
-
-        done = torch.tensor(
-            [len(finished[s]) >= beam or reached for s, reached in zip(sentences, at_max)], device=device
-        ) | ~torch.isfinite(next_scores).any(dim=1)  # [A]
-        keep = (~done).nonzero().squeeze(1)  # [A'] surviving sentences
-        if step == 0:  # one row per sentence becomes one row per beam (dead slots copy it too)
-            rows = keep.repeat_interleave(beam)  # [A'*K]
-        else:
-            rows = (keep[:, None] * beam + next_beams[keep]).view(-1)  # [A'*K] parent row of each new beam
-        cache.reorder(rows, include_cross=False)  # beams move within a sentence: memory rows stay
-        if 0 < keep.numel() < active:  # finished sentences leave the memory and its caches
-            encoder_out = encoder_out.reorder(keep)
-            cache.reorder_cross(keep)
-        history = torch.cat([history[rows], next_tokens[keep].view(-1, 1)], dim=1)  # [A'*K, t+2]
-        scores = next_scores[keep]
-        sentences = [sentences[a] for a in keep.tolist()]
+        sentences = [sentences[a] for a in keep]
+        if not sentences:
+            break
+        cache.reorder(torch.tensor(rows, device=device), include_cross=False)  # beams move within a sentence
+        if len(keep) < active:  # finished sentences leave the memory and its caches
+            keep_index = torch.tensor(keep, device=device)
+            encoder_out = encoder_out.reorder(keep_index)
+            cache.reorder_cross(keep_index)
+        history = [history[row] + [token] for row, token in zip(rows, next_tokens)]
+        last_tokens = torch.tensor(next_tokens, device=device).view(-1, 1)
+        scores = torch.tensor(next_scores, device=device).view(len(keep), beam)
         step += 1
 
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]
 
 
 _lp = length_penalty  # the function, under a name the `length_penalty` argument does not shadow
+_NEG_INF = float("-inf")
