@@ -196,8 +196,6 @@ def test_compiled_decoder_translates_as_eager(model_dir, precision):
     assert out == [compiled.translate([s], beam_size=2, max_len_b=8)[0] for s in SENTENCES]
 
 
-
-
 def test_compiled_step_is_not_specialised_to_a_row_count_equal_to_the_head_count():
     # With duck shaping, dynamo gives 4 decoder rows and 4 heads one symbol and specialises the
     # step to 4 rows (beam 4, one sentence); float32 linear layers of a fixed row count then go to
