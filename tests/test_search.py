@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from aiayn import ModelConfig, Transformer
-from aiayn.search import Hypothesis, beam_search, beam_step, greedy_search, length_penalty, top_k
+from aiayn.search import Hypothesis, beam_search, beam_step, greedy_search, length_penalty
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
@@ -94,20 +94,28 @@ def test_beam_step_equals_one_topk_over_all_sums():
     assert beams[1].tolist() == [2] * (2 * beam)
 
 
-@pytest.mark.parametrize("length", [8000, 8003, 40])  # whole blocks, a partial last block, short rows
-def test_top_k_equals_torch_topk(length):
-    generator = torch.Generator().manual_seed(length)
-    x = torch.randn(3, 4, length, generator=generator)
-    x[0, 0, 5] = float("-inf")
-    x[1, 2, -1] = 50.0  # the largest value in the partial last block
-    x[2, 1, :64] += 20.0  # every one of the k best in the same block
-    values, indices = top_k(x, 8)
-    expected_values, expected_indices = x.topk(8, dim=-1)
-    assert torch.equal(values, expected_values) and torch.equal(indices, expected_indices)
-    assert indices[1, 2, 0].item() == length - 1
-    # A non-contiguous (expanded) input, as on the first beam step.
-    wide = x[:, :1].expand(-1, 4, -1)
-    assert torch.equal(top_k(wide, 8)[1], wide.topk(8, dim=-1)[1])
+@pytest.mark.parametrize("vocab", [8000, 8003])  # whole blocks of 64, a partial last block
+def test_beam_step_by_blocks_equals_brute_force(vocab):
+    """Large vocabularies go through the block maxima: the same 2K candidates as one top-k over
+    all K * V sums, in the same order, with the best sums placed where blocks are easy to miss."""
+    generator = torch.Generator().manual_seed(vocab)
+    batch, beam = 4, 4
+    scores = torch.randn(batch, beam, generator=generator)
+    step = torch.log_softmax(torch.randn(batch, beam, vocab, generator=generator), dim=-1)
+    scores[0, 1:] = float("-inf")  # first step: only slot 0 live
+    step[1, 2, -1] = 0.0  # the best sum of sentence 1 sits in beam 2's partial last block
+    step[2, 1, 64:128] += 30.0  # all 2K best sums of sentence 2 in one block of beam 1
+    step[3, 3, 7] = float("-inf")
+    cand_scores, beams, tokens = beam_step(scores, step)
+    brute_scores, brute_index = (scores[:, :, None] + step).view(batch, -1).topk(2 * beam, dim=-1)
+    assert torch.equal(cand_scores, brute_scores)
+    assert torch.equal(beams, brute_index // vocab) and torch.equal(tokens, brute_index % vocab)
+    assert (beams[1, 0].item(), tokens[1, 0].item()) == (2, vocab - 1)
+    assert beams[2].tolist() == [1] * (2 * beam) and all(64 <= t < 128 for t in tokens[2].tolist())
+    # An expanded input (the first beam step: one row per sentence, copied to every beam slot).
+    wide = step[:, :1].expand(-1, beam, -1)
+    brute_wide = (scores[:, :, None] + wide).reshape(batch, -1).topk(2 * beam, dim=-1)
+    assert torch.equal(beam_step(scores, wide)[0], brute_wide.values)
 
 
 # --- the real model -----------------------------------------------------------------------------
