@@ -190,6 +190,17 @@ def test_compiled_decoder_translates_as_eager(model_dir, precision):
             model.decode(torch.tensor([[2], [2]]), encoder_out, cache=cache)
             logits.append(model.decode(torch.tensor([[7], [9]]), encoder_out, cache=cache).logits)
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+    # As beam search (2 beams) steps: beam rows share their source's memory row, which the
+    # compiled step reads with `summed_attention`.
+    with torch.inference_mode():
+        logits = []
+        for model in (eager.model, compiled.model):
+            encoder_out = model.encode(src)
+            cache = model.new_cache()
+            model.decode(torch.tensor([[2], [2]]), encoder_out, cache=cache)
+            cache.reorder(torch.tensor([0, 0, 1, 1]), include_cross=False)
+            logits.append(model.decode(torch.tensor([[7], [9], [11], [7]]), encoder_out, cache=cache).logits)
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # it did compile
     out = compiled.translate(SENTENCES, beam_size=2, max_len_b=8)
     assert out == eager.translate(SENTENCES, beam_size=2, max_len_b=8)
