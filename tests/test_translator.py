@@ -180,27 +180,25 @@ def test_compiled_decoder_translates_as_eager(model_dir, precision):
     eager = Translator.load(model_dir, precision=precision)
     compiled = Translator.load(model_dir, precision=precision, compile=True)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    # One decoder step on the same cache state: the logits agree to float rounding.
     src = torch.tensor([[5, 9, 17, 4], [8, 6, 0, 0]])
+
+    def second_step_logits(model, reorder, tokens):
+        encoder_out = model.encode(src)
+        cache = model.new_cache()
+        model.decode(torch.tensor([[2], [2]]), encoder_out, cache=cache)
+        if reorder is not None:
+            cache.reorder(torch.tensor(reorder), include_cross=False)
+        return model.decode(torch.tensor(tokens), encoder_out, cache=cache).logits
+
+    # The second decoder step on the same cache state: the logits agree to float rounding. Once
+    # with a memory row per row, once as beam search (2 beams) steps: beam rows share their
+    # source's memory row, which the compiled step reads with `summed_attention`.
     with torch.inference_mode():
-        logits = []
-        for model in (eager.model, compiled.model):
-            encoder_out = model.encode(src)
-            cache = model.new_cache()
-            model.decode(torch.tensor([[2], [2]]), encoder_out, cache=cache)
-            logits.append(model.decode(torch.tensor([[7], [9]]), encoder_out, cache=cache).logits)
-    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
-    # As beam search (2 beams) steps: beam rows share their source's memory row, which the
-    # compiled step reads with `summed_attention`.
-    with torch.inference_mode():
-        logits = []
-        for model in (eager.model, compiled.model):
-            encoder_out = model.encode(src)
-            cache = model.new_cache()
-            model.decode(torch.tensor([[2], [2]]), encoder_out, cache=cache)
-            cache.reorder(torch.tensor([0, 0, 1, 1]), include_cross=False)
-            logits.append(model.decode(torch.tensor([[7], [9], [11], [7]]), encoder_out, cache=cache).logits)
-    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+        for reorder, tokens in ((None, [[7], [9]]), ([0, 0, 1, 1], [[7], [9], [11], [7]])):
+            eager_logits, compiled_logits = (
+                second_step_logits(model, reorder, tokens) for model in (eager.model, compiled.model)
+            )
+            torch.testing.assert_close(compiled_logits, eager_logits, atol=1e-4, rtol=1e-4)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # it did compile
     out = compiled.translate(SENTENCES, beam_size=2, max_len_b=8)
     assert out == eager.translate(SENTENCES, beam_size=2, max_len_b=8)
