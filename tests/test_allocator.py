@@ -10,8 +10,11 @@ import pytest
 from aiayn.allocator import OPT_OUT_VARIABLES
 
 
-# A decoding-like allocation pattern: a cache that grows by one position per step, reordered, and a
-# fresh 4 MB logits tensor. Prints the page faults per step after a warm-up.
+# A decoding-like allocation pattern: a cache that grows by one position per step, reordered, a fresh
+# 4 MB logits tensor, and a 40 MB one (beam 4 x 64 sentences x a 40k vocabulary). glibc's dynamic
+# mmap threshold stops at 32 MB, so under its defaults the 40 MB block is mmap'd and unmapped at
+# every step whatever the heap's history (the smaller blocks fault or not depending on how the
+# heap settled: CI once saw none). Prints the page faults per step after a warm-up.
 _FAULTS_SCRIPT = """
 import resource, sys, torch
 from aiayn.allocator import retain_freed_memory
@@ -19,15 +22,15 @@ if sys.argv[1] == "retain":
     assert retain_freed_memory()
 def step(cache):
     grown = torch.cat([cache, torch.ones(64, 4, 1, 64)], dim=2)
-    return grown[torch.randperm(64)], torch.randn(128, 8000).sum()
+    return grown[torch.randperm(64)], torch.randn(128, 8000).sum() + torch.ones(256, 40_000).sum()
 per_step = []
-for run in range(6):  # 3 warm-up runs, then the fewest faults of 3 (the kernel may reclaim pages meanwhile)
+for run in range(5):  # 2 warm-up runs, then the fewest faults of 3 (the kernel may reclaim pages meanwhile)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     cache = torch.zeros(64, 4, 1, 64)
-    for _ in range(60):
+    for _ in range(30):
         cache, _ = step(cache)
-    per_step.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 60)
-print(min(per_step[3:]))
+    per_step.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 30)
+print(min(per_step[2:]))
 """
 
 
@@ -41,6 +44,7 @@ def test_retain_freed_memory_stops_page_faults_between_steps():
         return float(result.stdout.strip())
 
     default, retained = faults_per_step("default"), faults_per_step("retain")
-    # Measured (fewest of 3 runs): 560-600 per step under the defaults, 0 retained.
+    # Measured (fewest of 3 runs): about 10,000 per step under the defaults (the 40 MB block's 4 KB
+    # pages; some 20 if the kernel backs it with 2 MB pages), 0 retained.
     assert retained <= 5.0, f"{retained} page faults per step with freed memory retained"
-    assert default >= 50.0, f"the pattern should fault under glibc's defaults, got {default} per step"
+    assert default >= 10.0, f"the pattern should fault under glibc's defaults, got {default} per step"
