@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from aiayn import ModelConfig, Transformer
+import aiayn.search
+from aiayn import ModelConfig, Transformer, fused_beam_step
 from aiayn.search import Hypothesis, beam_search, beam_step, greedy_search, length_penalty
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
@@ -25,6 +26,16 @@ def model() -> Transformer:
         model.output_projection.weight.mul_(2.0)
         model.output_projection.weight[EOS].mul_(1.5)
     return model
+
+
+@pytest.fixture(params=["fused", "torch"])
+def beam_path(request, monkeypatch):
+    """Beam search through its fused C++ step (the CPU default) and through log_softmax + beam_step."""
+    if request.param == "fused":
+        assert fused_beam_step.available()  # built with the C++ toolchain that torch.compile uses
+    else:
+        monkeypatch.setattr(aiayn.search, "fused_beam_step_available", lambda: False)
+    return request.param
 
 
 def sources(lengths, seed=1, vocab=40) -> torch.Tensor:
@@ -118,6 +129,54 @@ def test_beam_step_by_blocks_equals_brute_force(vocab):
     assert torch.equal(beam_step(scores, wide)[0], brute_wide.values)
 
 
+@pytest.mark.parametrize("vocab", [40, 8003])
+@pytest.mark.parametrize("rows_per_sentence", [1, 4])
+def test_fused_beam_step_equals_log_softmax_and_beam_step(vocab, rows_per_sentence):
+    """The C++ step == float64 log_softmax, the pad / bos / maximum-length masks and beam_step:
+    the same candidates in the same order, scores within float32 rounding."""
+    generator = torch.Generator().manual_seed(vocab + rows_per_sentence)
+    sentences, beam = 5, 4
+    rows = sentences * rows_per_sentence
+    scores = torch.randn(sentences, beam, generator=generator) * 3
+    if rows_per_sentence == 1:
+        scores[:, 1:] = float("-inf")  # the first step: only slot 0 live
+    else:
+        scores[2, 3] = float("-inf")  # an empty slot
+    logits = torch.randn(rows, vocab, generator=generator) * 4
+    logits[0, PAD] = logits[0, BOS] = 50.0  # the best logits of the row, but never generated
+    at_max = torch.zeros(rows, dtype=torch.bool)
+    at_max[rows_per_sentence : 2 * rows_per_sentence] = True  # sentence 1 may only end
+    log_probs = torch.log_softmax(logits.double(), dim=-1)
+    log_probs[:, [PAD, BOS]] = float("-inf")
+    eos_column = log_probs[:, EOS].clone()
+    log_probs[at_max] = float("-inf")
+    log_probs[:, EOS] = eos_column
+    wide = log_probs.view(sentences, rows_per_sentence, vocab).expand(-1, beam, -1)
+    expected = beam_step(scores.double(), wide)
+    got = fused_beam_step.fused_beam_step(scores, logits, at_max, pad_id=PAD, bos_id=BOS, eos_id=EOS)
+    finite = expected[0] > float("-inf")
+    assert torch.equal(got[0] > float("-inf"), finite)
+    assert finite[1].sum() == (beam if rows_per_sentence > 1 else 1)  # EOS after each live beam
+    assert torch.equal(got[1][finite], expected[1][finite]) and torch.equal(got[2][finite], expected[2][finite])
+    assert torch.allclose(got[0][finite].double(), expected[0][finite], rtol=0, atol=1e-5)
+    assert torch.all(got[2][~finite] == PAD)
+
+
+def test_fused_beam_step_ties_and_errors():
+    # Uniform logits: every continuation ties, and they come out in (beam, token) order.
+    cand_scores, beams, tokens = fused_beam_step.fused_beam_step(
+        torch.zeros(1, 2), torch.zeros(2, 10), None, pad_id=PAD, bos_id=BOS, eos_id=EOS
+    )
+    assert beams.tolist() == [[0, 0, 0, 0]] and tokens.tolist() == [[UNK, EOS, 4, 5]]
+    assert torch.allclose(cand_scores, torch.full((1, 4), -math.log(10)))
+    with pytest.raises(ValueError, match="do not fit"):
+        fused_beam_step.fused_beam_step(torch.zeros(2, 2), torch.zeros(3, 10), None, pad_id=0, bos_id=2, eos_id=3)
+    with pytest.raises(ValueError, match="float32"):
+        fused_beam_step.fused_beam_step(
+            torch.zeros(1, 2), torch.zeros(2, 10).double(), None, pad_id=0, bos_id=2, eos_id=3
+        )
+
+
 # --- the real model -----------------------------------------------------------------------------
 
 
@@ -150,14 +209,14 @@ def test_greedy_max_length(model):
     assert all(PAD not in o and BOS not in o and EOS not in o for o in out + long)
 
 
-def test_beam_one_equals_greedy(model):
+def test_beam_one_equals_greedy(model, beam_path):
     src = sources([6, 2, 10, 4], seed=4)
     greedy = greedy_search(model, src, max_len_b=12)
     beam = beam_search(model, src, beam_size=1, max_len_b=12)
     assert [hyps[0].tokens for hyps in beam] == greedy
 
 
-def test_beam_batch_equals_single(model):
+def test_beam_batch_equals_single(model, beam_path):
     lengths = [5, 12, 2, 8]
     src = sources(lengths, seed=5)
     batched = beam_search(model, src, beam_size=4, max_len_b=10, nbest=3)
@@ -169,7 +228,7 @@ def test_beam_batch_equals_single(model):
         assert [h.score for h in batched[i]] == pytest.approx([h.score for h in single], abs=1e-4)
 
 
-def test_beam_nbest_sorted_and_scores_consistent(model):
+def test_beam_nbest_sorted_and_scores_consistent(model, beam_path):
     src = sources([6, 9], seed=6)
     alpha = 0.6
     results = beam_search(model, src, beam_size=5, nbest=5, length_penalty=alpha, max_len_b=10)
@@ -197,7 +256,7 @@ def test_beam_better_than_greedy_in_model_score(model):
     assert beam.log_prob >= greedy.log_prob - 1e-5
 
 
-def test_beam_max_length(model):
+def test_beam_max_length(model, beam_path):
     src = sources([4, 7], seed=8)
     results = beam_search(model, src, beam_size=3, nbest=3, max_len_a=0.0, max_len_b=2)
     assert all(len(h.tokens) <= 2 for hyps in results for h in hyps)
@@ -273,7 +332,7 @@ class ScriptedCache:
         pass
 
 
-def test_scripted_length_penalty_changes_winner():
+def test_scripted_length_penalty_changes_winner(beam_path):
     # "a </s>" has the higher log-prob; "b b b </s>" wins once scores are divided by lp(length).
     table = {
         (): {A: 0.5, B: 0.48, EOS: 0.01, UNK: 0.01},
@@ -298,7 +357,7 @@ def test_scripted_length_penalty_changes_winner():
     assert normalised[0].score == pytest.approx(-0.5502, abs=1e-4)
 
 
-def test_scripted_eos_cannot_starve_the_beam():
+def test_scripted_eos_cannot_starve_the_beam(beam_path):
     # Step 0: EOS ranks 2nd, so it finishes the empty hypothesis. Keeping only the top K = 2
     # candidates would leave "a" as the single live beam and end with {"", "a </s>"}: the empty
     # output would win. With 2K candidates "b" stays live and "b </s>" wins under alpha = 1.
@@ -316,7 +375,7 @@ def test_scripted_eos_cannot_starve_the_beam():
     assert best[1].score == pytest.approx(math.log(0.32))
 
 
-def test_scripted_max_length_forces_eos_and_done_rows_are_dropped():
+def test_scripted_max_length_forces_eos_and_done_rows_are_dropped(beam_path):
     # Sentence A would never stop ("a" forever); sentence B stops at once. max length = 0 * S + 3.
     loop = {(): {A: 0.7, EOS: 0.3}}
     for n in range(1, 10):

@@ -36,6 +36,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from aiayn.fused_beam_step import available as fused_beam_step_available
+from aiayn.fused_beam_step import fused_beam_step
+
 # --- pieces -------------------------------------------------------------------------------------
 
 
@@ -221,6 +224,9 @@ def beam_search(
     batch, beam = src_tokens.size(0), beam_size
     device = src_tokens.device
 
+    # On the CPU, log-softmax, masks and beam_step run fused in C++ (aiayn.fused_beam_step) when
+    # its kernel builds here; otherwise, and on other devices, as written below.
+    fused = device.type == "cpu" and fused_beam_step_available()
     max_lens = max_output_lengths(model, src_tokens, max_len_a, max_len_b)  # [B]
     # One memory row per sentence, shared by its K beams: the decoder's cross-attention reads a
     # sentence's keys and values once for all its beams (and caches them once).
@@ -244,9 +250,15 @@ def beam_search(
         at_max_rows = (  # [A*R] or None
             torch.tensor(at_max, device=device).repeat_interleave(rows_per_sentence) if any(at_max) else None
         )
-        log_probs = _next_token_scores(model, last_tokens, encoder_out, cache, at_max_rows, log_probs=True)
-        log_probs = log_probs.view(active, rows_per_sentence, -1).expand(-1, beam, -1)  # [A, K, V]
-        cand_scores, cand_beams, cand_tokens = beam_step(scores, log_probs)  # [A, C]
+        if fused:  # the same arithmetic in one C++ pass over the logits
+            logits = model.decode(last_tokens, encoder_out, cache=cache).logits[:, -1].float()  # [A*R, V]
+            cand_scores, cand_beams, cand_tokens = fused_beam_step(
+                scores, logits, at_max_rows, pad_id=config.pad_id, bos_id=config.bos_id, eos_id=eos
+            )  # [A, C]
+        else:
+            log_probs = _next_token_scores(model, last_tokens, encoder_out, cache, at_max_rows, log_probs=True)
+            log_probs = log_probs.view(active, rows_per_sentence, -1).expand(-1, beam, -1)  # [A, K, V]
+            cand_scores, cand_beams, cand_tokens = beam_step(scores, log_probs)  # [A, C]
 
         # The rest of the step is bookkeeping on 2K candidates per sentence, in Python lists.
         keep: list[int] = []  # surviving sentences [A']
