@@ -3,6 +3,10 @@
 Shape legend: B sentences, K beam size, A sentences still active, S source length, V vocabulary,
 C = 2K candidates per sentence.
 
+On the CPU the log-softmax, the token masks and `beam_step` of a step run fused in C++
+(`aiayn.fused_beam_step`, tested to give the same candidates); the code below is the reference and
+the path everywhere else.
+
 Layout follows fairseq: a pure `beam_step` (fairseq `search.py` BeamSearch.step) that picks the top
 2K (score, beam, token) candidates, and a short loop (fairseq `sequence_generator.py`) that owns the
 decoding state: the encoder output, one row per sentence shared by its K beams, and the
