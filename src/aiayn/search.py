@@ -228,9 +228,7 @@ def beam_search(
     batch, beam = src_tokens.size(0), beam_size
     device = src_tokens.device
 
-    # On the CPU, log-softmax, masks and beam_step run fused in C++ (aiayn.fused_beam_step) when
-    # its kernel builds here; otherwise, and on other devices, as written below.
-    fused = device.type == "cpu" and fused_beam_step_available()
+    fused = device.type == "cpu" and fused_beam_step_available()  # see the module docstring
     max_lens = max_output_lengths(model, src_tokens, max_len_a, max_len_b)  # [B]
     # One memory row per sentence, shared by its K beams: the decoder's cross-attention reads a
     # sentence's keys and values once for all its beams (and caches them once).
