@@ -36,6 +36,7 @@ from typing import Callable
 
 import torch
 
+from aiayn import hardware
 from aiayn.allocator import retain_freed_memory
 from aiayn.config import ModelConfig
 from aiayn.model import Transformer
@@ -130,18 +131,22 @@ def run(
     notes = []
     if retain_freed_memory():
         notes.append("glibc malloc keeps freed memory (aiayn.allocator.retain_freed_memory) for every system")
+    # bf16 only where it is native: elsewhere every bf16 system runs a reference GEMM, ~30x slower.
+    bf16 = hardware.detect().native_bf16(device)
+    if not bf16:
+        notes.append("no native bf16 on this device: bf16 systems skipped")
     # What Translator(precision=...) runs: on the CPU, fp32 and bf16 linear layers pre-packed for oneDNN.
-    model_fp32 = cast_for_inference(copy.deepcopy(model), "fp32", device)
-    model_bf16 = cast_for_inference(copy.deepcopy(model), "bf16", device)
-    systems: dict[str, Callable[[int], Callable]] = {
-        "aiayn fp32": lambda beam: _aiayn(model_fp32, beam, cap, device),
-        "aiayn bf16": lambda beam: _aiayn(model_bf16, beam, cap, device),
-    }
-    if device.type == "cpu":
-        model_int8 = cast_for_inference(copy.deepcopy(model), "int8")
-        systems["aiayn int8"] = lambda beam: _aiayn(model_int8, beam, cap, device)
+    # int8 only with VNNI: elsewhere `torch._int_mm` has no fast kernel (and Translator runs fp32).
+    int8 = device.type == "cpu" and hardware.detect().cpu_vnni
+    if device.type == "cpu" and not int8:
+        notes.append("no VNNI on this CPU: aiayn int8 systems skipped")
+    precisions = [p for p in ("fp32", "bf16", "int8") if (bf16 or p != "bf16") and (int8 or p != "int8")]
+    systems: dict[str, Callable[[int], Callable]] = {}
+    for precision in precisions:
+        converted = cast_for_inference(copy.deepcopy(model), precision, device)
+        systems[f"aiayn {precision}"] = lambda beam, m=converted: _aiayn(m, beam, cap, device)
     if compile:
-        for precision in ("fp32", "bf16", "int8") if device.type == "cpu" else ("fp32", "bf16"):
+        for precision in precisions:
             compiled = cast_for_inference(copy.deepcopy(model), precision, device, compile=True)
             systems[f"aiayn {precision}+compile"] = lambda beam, m=compiled: _aiayn(m, beam, cap, device)
     workdir = tempfile.TemporaryDirectory(prefix="aiayn-bench-")
@@ -150,8 +155,9 @@ def run(
 
         marian = marian_from_aiayn(model.cpu()).to(device).eval()
         systems["HF Marian fp32"] = lambda beam: _hf(marian, config, beam, cap, device)
-        marian_bf16 = copy.deepcopy(marian).to(torch.bfloat16)
-        systems["HF Marian bf16"] = lambda beam: _hf(marian_bf16, config, beam, cap, device)
+        if bf16:
+            marian_bf16 = copy.deepcopy(marian).to(torch.bfloat16)
+            systems["HF Marian bf16"] = lambda beam: _hf(marian_bf16, config, beam, cap, device)
         if device.type == "cpu":
             with warnings.catch_warnings():  # torch marks its ao.quantization API deprecated
                 warnings.simplefilter("ignore")

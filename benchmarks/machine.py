@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from aiayn import hardware
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Dense bf16 tensor-core peak (TFLOP/s, no sparsity) for MFU; matched on the CUDA device name.
@@ -39,16 +41,9 @@ def cpu_model() -> str:
 
 
 def cpu_flags() -> list[str]:
-    """The CPU features that decide CPU matmul speed (AVX-512, bf16, AMX)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
-                return [flag for flag in wanted if flag in flags]
-    except OSError:
-        pass
-    return []
+    """The CPU features that decide CPU matmul speed (AVX-512, bf16, VNNI, AMX), as aiayn reads them."""
+    features = hardware.detect().features
+    return [name for name in hardware.FEATURES if name in features]
 
 
 def gpu_name() -> str | None:
@@ -97,6 +92,8 @@ def describe(threads: int) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "cpu": cpu_model(),
         "cpu_flags": cpu_flags(),
+        "machine_class": hardware.detect().machine_class,
+        "aten_capability": hardware.detect().aten_capability,
         "cores": os.cpu_count(),
         "torch_threads": threads,
         "gpu": gpu_name(),

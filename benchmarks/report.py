@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -109,10 +111,11 @@ def markdown(result: dict, *, command: str) -> str:
     m = result["machine"]
     v = m["versions"]
     lines = [
-        f"## {m['date']} ({result['mode']}, {result['device']})", "",
+        f"## {m.get('machine_class', 'unknown')} CPU: {m['date']} ({result['mode']}, {result['device']})", "",
         f"- command: `{command}`",
-        f"- machine: {m['cpu']} ({', '.join(m['cpu_flags']) or 'no AVX flags found'}), {m['cores']} cores, "
-        f"torch threads {m['torch_threads']}, GPU: {m['gpu'] or 'none'}",
+        f"- machine: {m['cpu']} ({', '.join(m['cpu_flags']) or 'no AVX flags found'}; PyTorch vector kernels "
+        f"{m.get('aten_capability', '?')}), {m['cores']} cores, torch threads {m['torch_threads']}, "
+        f"GPU: {m['gpu'] or 'none'}",
         f"- versions: python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, "
         f"ctranslate2 {v['ctranslate2']}, aiayn {v['aiayn']}; git {m['git_commit']}",
         f"- load average (1, 5, 15 min): start {m['load_average_start']}, end {m.get('load_average_end')}; "
@@ -127,3 +130,28 @@ def markdown(result: dict, *, command: str) -> str:
     if "attention" in result:
         lines += _attention(result["attention"])
     return "\n".join(lines) + "\n"
+
+
+def _markers(machine_class: str) -> tuple[str, str]:
+    return f"<!-- latest run, machine class {machine_class} -->", f"<!-- end of machine class {machine_class} -->"
+
+
+def update_results(results_md: Path, section: str, machine_class: str) -> Path:
+    """Put `section` (one run's Markdown) into `results_md` as the latest run of its machine class,
+    replacing the one before it, which is appended to HISTORY.md beside it (newest last).
+    Other classes' sections stay. Returns the history file's path."""
+    results_md, history = Path(results_md), Path(results_md).with_name("HISTORY.md")
+    begin, end = _markers(machine_class)
+    text = results_md.read_text(encoding="utf-8") if results_md.exists() else ""
+    block = f"{begin}\n{section.strip()}\n{end}\n"
+    start = text.find(begin)
+    if start >= 0:
+        stop = text.index(end, start) + len(end) + 1
+        old = text[start + len(begin) + 1 : stop - len(end) - 2]
+        with open(history, "a", encoding="utf-8") as handle:
+            handle.write("\n" + old.strip() + "\n")
+        text = text[:start] + block + text[stop:]
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + block
+    results_md.write_text(text, encoding="utf-8")
+    return history

@@ -3,10 +3,12 @@
     python -m benchmarks.run [--quick | --full | --smoke] [--only training,decoding,attention]
                              [--threads N] [--json PATH] [--results-md PATH] [--note TEXT]
 
-Writes a JSON file (default benchmarks/results/<UTC timestamp>.json, git-ignored) and appends a
-Markdown section to benchmarks/RESULTS.md (or --results-md). Every table compares aiayn and its
-peers in the same process, under the same threads and load, with steps / batches interleaved, so
-the ratios hold even on a busy machine; absolute numbers do not. Peers (Hugging Face Marian,
+Writes a JSON file (default benchmarks/results/<UTC timestamp>.json, git-ignored) and makes its
+Markdown the latest section of its machine class (AVX2, AVX-512, AVX512-BF16, AMX) in
+benchmarks/RESULTS.md (or --results-md); the section it replaces moves to HISTORY.md beside it.
+Every table compares aiayn and its peers in the same process, under the same threads and load,
+with steps / batches interleaved, so the ratios hold even on a busy machine; absolute numbers do
+not. Peers (Hugging Face Marian,
 CTranslate2) are optional: a missing package drops its column with a note.
 
 Modes: --quick (default; under 10 minutes on 2 cores), --full (base shape with more steps,
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ["OMP_NUM_THREADS"] = str(threads)  # for subprocesses (attention points)
     import torch
 
+    from aiayn import hardware
     from benchmarks import machine, workload
 
     torch.set_num_threads(threads)
@@ -116,6 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
             result["notes"].append("transformers not installed: no HF Marian training column")
         if args.mode == "quick":  # nn.Transformer bf16 adds little; keep quick mode quick
             systems = [s for s in systems if s != ("nn.Transformer", "bf16")]
+        if not hardware.detect().native_bf16(device):  # a reference GEMM there, ~30x slower than fp32
+            systems = [s for s in systems if s[1] != "bf16"]
+            result["notes"].append("no native bf16 on this device: bf16 training systems skipped")
         lengths = workload.training_lengths(threads=threads)
         peak = machine.peak_bf16_tflops(machine.gpu_name()) if device.type == "cuda" else None
         result["training"] = training.run(plan["training"], lengths, systems, device=device, peak_tflops=peak, log=log)
@@ -144,12 +150,13 @@ def main(argv: list[str] | None = None) -> dict:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     if args.results_md:
-        from benchmarks.report import markdown
+        from benchmarks.report import markdown, update_results
 
-        with open(args.results_md, "a", encoding="utf-8") as handle:
-            arguments = argv if argv is not None else sys.argv[1:]
-            handle.write(markdown(result, command="python -m benchmarks.run " + " ".join(arguments)))
-    log(f"wrote {json_path}" + (f" and appended to {args.results_md}" if args.results_md else ""))
+        arguments = argv if argv is not None else sys.argv[1:]
+        section = markdown(result, command="python -m benchmarks.run " + " ".join(arguments))
+        update_results(args.results_md, section, result["machine"]["machine_class"])
+    log(f"wrote {json_path}" + (f" and the latest {result['machine']['machine_class']} section of {args.results_md}"
+                                if args.results_md else ""))
     return result
 
 

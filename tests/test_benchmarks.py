@@ -121,5 +121,22 @@ def test_smoke_run_writes_json_and_markdown(tmp_path, monkeypatch):
     # inherited from this large pytest process).
     assert points[1]["reference"]["peak_mib"] > points[1]["fast"]["peak_mib"] + 12
     text = md_path.read_text()
-    assert text.startswith("## ") and "| aiayn fp32 |" in text and "### Attention memory" in text
+    machine_class = machine["machine_class"]
+    assert text.startswith(f"<!-- latest run, machine class {machine_class} -->\n## {machine_class} CPU: ")
+    assert "| aiayn fp32 |" in text and "### Attention memory" in text
     assert (results_md.read_bytes() if results_md.exists() else None) == before
+
+
+def test_results_keep_the_latest_run_per_machine_class(tmp_path):
+    from benchmarks.report import update_results
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\nHow to read them.\n")
+    update_results(results, "## AVX2 CPU: run 1\n\n| a | 1 |\n", "AVX2")
+    update_results(results, "## AMX CPU: run 2\n", "AMX")
+    history = update_results(results, "## AVX2 CPU: run 3\n", "AVX2")
+    text = results.read_text()
+    assert text.startswith("# Benchmark results\n\nHow to read them.\n\n")
+    assert "run 3" in text and "run 2" in text and "run 1" not in text
+    assert text.index("AVX2 CPU: run 3") < text.index("AMX CPU: run 2")  # each class keeps its place
+    assert history.read_text() == "\n## AVX2 CPU: run 1\n\n| a | 1 |\n"

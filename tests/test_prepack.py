@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aiayn import ModelConfig, Transformer, prepack
+from aiayn import ModelConfig, Transformer, hardware, prepack
 from aiayn.attention import InProjection
 from aiayn.prepack import InferenceInProjection, PackedLinear, pack_linear_layers
 from aiayn.search import beam_search
@@ -25,6 +25,8 @@ def test_packed_linear_equals_linear_and_rows_are_independent():
     torch.testing.assert_close(PackedLinear(weight)(x), exact - bias, rtol=1e-5, atol=1e-5)  # no bias
 
 
+@pytest.mark.skipif(not hardware.detect().onednn_bf16,
+                    reason="oneDNN's bf16 kernels need AVX-512 BW/VL/DQ or AVX-NE-CONVERT, which this CPU lacks")
 def test_packed_linear_bf16_and_dtype_check():
     torch.manual_seed(1)
     weight, bias, x = torch.randn(40, 32), torch.randn(40), torch.randn(6, 32)

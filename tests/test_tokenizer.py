@@ -118,3 +118,12 @@ def test_bad_model_bytes_and_bad_vocab_size() -> None:
         Tokenizer.train(["a b c"], 4)
     with pytest.raises(ValueError, match="vocab_size=5000"):
         Tokenizer.train(["a tiny corpus", "with few pieces"], 5000)
+
+
+def test_vocab_smaller_than_the_character_set_says_what_size_to_use() -> None:
+    texts = ["Ein Mann fährt Fahrrad.", "A man rides a bike."]
+    characters = len(set("".join(texts).replace(" ", "\u2581")))  # 21 letters and signs + "▁"
+    needed = characters + 4
+    with pytest.raises(ValueError, match=rf"its {characters} distinct characters .* use --vocab-size {needed} or more"):
+        Tokenizer.train(texts, needed - 1, num_threads=1)
+    assert Tokenizer.train(texts, needed, num_threads=1).vocab_size == needed  # the size it names works

@@ -301,6 +301,8 @@ def test_published_recipes_are_valid():
         recipe = load_recipe(path)
         TrainConfig.from_dict(recipe.get("train", {}))
         ModelConfig.preset(recipe["preset"], **recipe.get("model", {}))
+        # Every recipe runs on any machine: bf16 only where it is native and faster.
+        assert recipe.get("train", {}).get("precision", "auto") == "auto", path.name
     for name in ("wmt14-en-de-base.yaml", "wmt14-en-de-big.yaml"):
         train = load_recipe(ROOT / "configs" / name)["train"]
         # The paper's batches hold ~25k source + 25k target tokens per update (section 5.1).
@@ -330,3 +332,48 @@ def test_sigterm_stops_after_the_update_with_a_checkpoint(tmp_path, corpus, monk
     monkeypatch.setattr(train_module, "learning_rate", original)
     resumed = fit(_model(tokenizer), tokenizer, train, _config(max_steps=6), tmp_path, resume=True, progress=False)
     assert resumed["steps"] == 6
+
+
+def test_fit_precision_auto_follows_capability_and_measurement(tmp_path, corpus, monkeypatch, capsys):
+    from test_hardware import AVX2, SAPPHIRE_RAPIDS
+
+    from aiayn import hardware, train
+
+    tokenizer, data, _ = corpus
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("no measurement where bf16 is not native")
+
+    monkeypatch.setattr(hardware, "detect", lambda: AVX2)
+    monkeypatch.setattr(train, "training_timings", refuse)
+    summary = fit(_model(tokenizer), tokenizer, data, _config(precision="auto", max_steps=1), tmp_path / "a",
+                  progress=False)
+    assert summary["precision"] == "fp32"
+    assert "precision auto -> fp32 (no native bf16 on this CPU (AMD EPYC 7B13 (Zen 3)))" in capsys.readouterr().out
+    # The request is what is saved: a resumed run resolves it again, on its own machine.
+    assert json.loads((tmp_path / "a" / "train_config.json").read_text())["precision"] == "auto"
+
+    monkeypatch.setattr(hardware, "detect", lambda: SAPPHIRE_RAPIDS)
+    for seconds, expected in (({"fp32": 2.0, "bf16": 1.0}, "bf16"), ({"fp32": 1.0, "bf16": 1.0}, "fp32")):
+        monkeypatch.setattr(train, "training_timings", lambda *args, seconds=seconds, **kwargs: seconds)
+        summary = fit(_model(tokenizer), tokenizer, data, _config(precision="auto", max_steps=1),
+                      tmp_path / expected, progress=False)
+        assert summary["precision"] == expected
+
+
+def test_training_timings_leave_the_model_and_random_state_alone(corpus):
+    from aiayn.data import BatchIterator
+    from aiayn.train import training_timings
+
+    tokenizer, data, _ = corpus
+    model = _model(tokenizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = next(iter(BatchIterator(data, 600, shuffle=False)))
+    torch.manual_seed(7)
+    expected_next = torch.rand(3)
+    torch.manual_seed(7)
+    seconds = training_timings(model, batch, torch.device("cpu"), repeats=1)
+    assert set(seconds) == {"fp32", "bf16"} and all(0 < s < 60 for s in seconds.values())
+    assert torch.equal(torch.rand(3), expected_next)  # dropout in the probe drew from a forked generator
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())

@@ -6,7 +6,8 @@ import warnings
 import pytest
 import torch
 
-from aiayn import ModelConfig, Transformer, prepack
+from aiayn import ModelConfig, Transformer, hardware, prepack
+from aiayn import translator as translator_module
 from aiayn.cli import main
 from aiayn.data import read_parallel
 from aiayn.search import beam_search
@@ -90,7 +91,11 @@ def test_overlong_line_warns_and_is_truncated(translator):
 def test_translate_bf16_casts_weights_once_and_stays_close_to_fp32(model_dir, translator):
     bf16 = Translator.load(model_dir, precision="bf16")
     assert bf16.model.src_embedding.weight.dtype == torch.bfloat16
-    assert bf16.model.decoder_layers[0].feed_forward.linear1.dtype == torch.bfloat16  # packed bf16
+    linear1 = bf16.model.decoder_layers[0].feed_forward.linear1
+    if hardware.detect().onednn_bf16:  # packed bf16 where oneDNN's bf16 kernels run
+        assert isinstance(linear1, prepack.PackedLinear) and linear1.dtype == torch.bfloat16
+    else:
+        assert isinstance(linear1, torch.nn.Linear) and linear1.weight.dtype == torch.bfloat16
     assert bf16.model.positions.table.dtype == torch.float32  # sin / cos kept exact
     out = bf16.translate(SENTENCES[:3], beam_size=2, max_len_b=5)
     assert len(out) == 3 and out[1] == ""
@@ -104,6 +109,81 @@ def test_translate_bf16_casts_weights_once_and_stays_close_to_fp32(model_dir, tr
     assert 0 < difference < 0.1
     with pytest.raises(ValueError, match="precision"):
         Translator.load(model_dir, precision="fp8")
+
+
+def test_auto_precision_is_fp32_without_native_bf16(model_dir, translator, monkeypatch):
+    from test_hardware import AVX2
+
+    monkeypatch.setattr(hardware, "detect", lambda: AVX2)
+    monkeypatch.setattr(translator_module, "decoding_timings", _no_measurement)
+    auto = Translator.load(model_dir, precision="auto")
+    assert auto.precision == "fp32" and auto.precision_choice.message.startswith("precision auto -> fp32 (no native")
+    assert auto.model.src_embedding.weight.dtype == torch.float32
+    expected = translator.translate(SENTENCES, beam_size=2, max_len_b=8)
+    assert auto.translate(SENTENCES, beam_size=2, max_len_b=8) == expected
+
+
+def _no_measurement(*args, **kwargs):
+    raise AssertionError("no measurement where bf16 is not native")
+
+
+def test_auto_precision_takes_bf16_where_native_and_measured_faster(model_dir, monkeypatch):
+    import dataclasses
+
+    from test_hardware import SAPPHIRE_RAPIDS
+
+    # Native bf16 by the CPU's features; oneDNN's bf16 packing as this machine really has it.
+    caps = dataclasses.replace(SAPPHIRE_RAPIDS, onednn_bf16=hardware.detect().onednn_bf16)
+    monkeypatch.setattr(hardware, "detect", lambda: caps)
+    for seconds, expected in (({"fp32": 2.0, "bf16": 1.0}, "bf16"), ({"fp32": 1.0, "bf16": 1.5}, "fp32")):
+        monkeypatch.setattr(translator_module, "decoding_timings", lambda *args, seconds=seconds, **kw: seconds)
+        auto = Translator.load(model_dir, precision="auto")
+        assert auto.precision == expected
+        assert auto.model.src_embedding.weight.dtype == {"bf16": torch.bfloat16, "fp32": torch.float32}[expected]
+
+
+def test_decoding_timings_measure_copies_and_leave_the_model_alone(model_dir):
+    from aiayn.train import load_model
+
+    model, _, _ = load_model(model_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seconds = translator_module.decoding_timings(model, "cpu", rows=4, steps=2)
+    assert set(seconds) == {"fp32", "bf16"} and all(0 < s < 60 for s in seconds.values())
+    assert all(type(m) is not prepack.PackedLinear for m in model.modules())  # the caller's model not packed
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_explicit_bf16_without_native_bf16_warns_and_runs_unpacked(model_dir, translator, monkeypatch):
+    from test_hardware import AVX2
+
+    monkeypatch.setattr(hardware, "detect", lambda: AVX2)
+    with pytest.warns(RuntimeWarning, match=r"expect about 30x slower than fp32"):
+        bf16 = Translator.load(model_dir, precision="bf16")
+    assert bf16.precision == "bf16"
+    linear1 = bf16.model.decoder_layers[0].feed_forward.linear1
+    assert isinstance(linear1, torch.nn.Linear) and linear1.weight.dtype == torch.bfloat16  # no oneDNN packing
+    src = torch.tensor([translator.tokenizer.encode(SENTENCES[0])])
+    tgt = torch.tensor([[2] + translator.tokenizer.encode("A man rides a bike.")])
+    with torch.inference_mode():
+        exact = torch.log_softmax(translator.model(src, tgt).float(), dim=-1)
+        approx = torch.log_softmax(bf16.model(src, tgt).float(), dim=-1)
+    assert 0 < (exact - approx).abs().max().item() < 0.1
+    out = bf16.translate(SENTENCES, beam_size=2, max_len_b=5)
+    assert out[1] == "" and all(out[i] for i in (0, 2, 4, 5))
+
+
+def test_cli_says_once_what_precision_auto_became(model_dir, monkeypatch, capsys):
+    from test_hardware import AVX2
+
+    monkeypatch.setattr(hardware, "detect", lambda: AVX2)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Kinder.\n"))
+    assert main(["translate", "--model", str(model_dir), "--beam", "2", "--max-len-b", "4"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("precision auto -> fp32 (no native bf16 on this CPU (AMD EPYC 7B13 (Zen 3)))") == 1
+    monkeypatch.setattr("sys.stdin", io.StringIO("Kinder.\n"))
+    assert main(["translate", "--model", str(model_dir), "--beam", "2", "--max-len-b", "4", "--precision", "bf16"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("aiayn translate: warning: precision bf16 -> bf16 (this CPU")
 
 
 def test_attention_shapes_and_rows_sum_to_one(translator):
@@ -141,7 +221,7 @@ def test_attention_of_own_translation(translator):
 def test_cli_translate_stdin_stdout(model_dir, translator, monkeypatch, capsys):
     text = "\n".join(SENTENCES) + "\n"
     monkeypatch.setattr("sys.stdin", io.StringIO(text))
-    assert main(["translate", "--model", str(model_dir), "--beam", "2", "--max-len-b", "8"]) == 0
+    assert main(["translate", "--model", str(model_dir), "--beam", "2", "--max-len-b", "8", "--precision", "fp32"]) == 0
     lines = capsys.readouterr().out.split("\n")
     assert lines[-1] == ""  # trailing newline
     assert lines[:-1] == translator.translate(SENTENCES, beam_size=2, max_len_b=8)
@@ -152,7 +232,7 @@ def test_cli_translate_nbest_file(model_dir, translator, tmp_path, capsys):
     source.write_text("Kinder.\n\nEin Hund.\n", encoding="utf-8")
     output = tmp_path / "out.txt"
     args = ["translate", "--model", str(model_dir), "--beam", "3", "--nbest", "2", "--max-len-b", "6",
-            "--input", str(source), "--output", str(output)]
+            "--precision", "fp32", "--input", str(source), "--output", str(output)]
     assert main(args) == 0
     lines = output.read_text(encoding="utf-8").splitlines()
     expected = translator.translate(["Kinder.", "", "Ein Hund."], beam_size=3, nbest=2, max_len_b=6)
@@ -165,6 +245,19 @@ def test_cli_translate_bad_model_dir(tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
 
 
+def test_int8_without_vnni_translates_in_fp32_with_a_warning(model_dir, translator, monkeypatch):
+    from test_hardware import AVX2
+
+    monkeypatch.setattr(hardware, "detect", lambda: AVX2)
+    with pytest.warns(RuntimeWarning, match="has no VNNI: .* so fp32 runs instead"):
+        fallback = Translator.load(model_dir, precision="int8")
+    assert fallback.precision == "fp32"
+    assert fallback.translate(SENTENCES, beam_size=2, max_len_b=8) == translator.translate(SENTENCES, beam_size=2,
+                                                                                            max_len_b=8)
+
+
+@pytest.mark.skipif(not hardware.detect().cpu_vnni,
+                    reason="int8 needs VNNI (AVX512-VNNI, AVX-VNNI or AMX-INT8); this CPU runs int8 requests in fp32")
 def test_translate_int8_quantises_linear_layers_and_keeps_alignment(model_dir, translator):
     int8 = Translator.load(model_dir, precision="int8")
     assert not any(isinstance(m, torch.nn.Linear) for m in int8.model.modules())
@@ -175,7 +268,12 @@ def test_translate_int8_quantises_linear_layers_and_keeps_alignment(model_dir, t
         Translator.load(model_dir, device="cuda", precision="int8")
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision", [
+    "fp32",
+    pytest.param("int8", marks=pytest.mark.skipif(
+        not hardware.detect().cpu_vnni,
+        reason="int8 needs VNNI (AVX512-VNNI, AVX-VNNI or AMX-INT8); this CPU runs int8 requests in fp32")),
+])
 def test_compiled_decoder_translates_as_eager(model_dir, precision):
     eager = Translator.load(model_dir, precision=precision)
     compiled = Translator.load(model_dir, precision=precision, compile=True)

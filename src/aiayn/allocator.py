@@ -17,6 +17,13 @@ _retained = False
 OPT_OUT_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
 
+def applicable() -> bool:
+    """True where `retain_freed_memory` would act: Linux with glibc, no opt-out variable set."""
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    return not any(name in os.environ for name in OPT_OUT_VARIABLES)
+
+
 def retain_freed_memory() -> bool:
     """Keep memory that tensors free inside the process (glibc malloc) instead of returning it.
 
@@ -38,9 +45,7 @@ def retain_freed_memory() -> bool:
     global _retained
     if _retained:
         return True
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    if any(name in os.environ for name in OPT_OUT_VARIABLES):
+    if not applicable():
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -51,4 +56,4 @@ def retain_freed_memory() -> bool:
     return _retained
 
 
-__all__ = ["OPT_OUT_VARIABLES", "retain_freed_memory"]
+__all__ = ["OPT_OUT_VARIABLES", "applicable", "retain_freed_memory"]

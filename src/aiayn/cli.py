@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from aiayn import __version__
@@ -41,7 +42,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--accumulate", type=int)
     p.add_argument("--lr-scale", type=float)
     p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--precision", choices=["fp32", "bf16"])
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="auto (default): bf16 autocast where it is native and measured faster, else fp32")
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
@@ -196,6 +198,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="how long the worker waits for more requests to merge (default 5)")
     p.add_argument("--no-batching", action="store_true", help="one model call per request (baseline)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    _add_precision_options(p)
     p.set_defaults(handler=_run_serve)
 
 
@@ -203,7 +206,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     from aiayn.server import serve
 
     serve(args.model, host=args.host, port=args.port, max_batch_sentences=args.max_batch_sentences,
-          max_wait_ms=args.max_wait_ms, batching=not args.no_batching, device=args.device)
+          max_wait_ms=args.max_wait_ms, batching=not args.no_batching, device=args.device,
+          precision=args.precision, compile=args.compile)
     return 0
 
 
@@ -219,11 +223,32 @@ def _add_decode_options(p: argparse.ArgumentParser, *, model_required: bool = Tr
     p.add_argument("--max-len-b", type=int, default=50)
     p.add_argument("--batch-tokens", type=int, default=4096, help="padded source pieces per batch")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
-                   help="bf16: weights cast to bfloat16; int8: linear layers in int8 arithmetic (CPU only)")
+    _add_precision_options(p)
+
+
+def _add_precision_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
+                   help="auto (default): bf16 where it is native and measured faster here, else fp32 "
+                        "(see `aiayn info`); bf16: weights cast to bfloat16; int8: linear layers in int8 "
+                        "arithmetic (CPU only; changes translations slightly)")
     p.add_argument("--compile", action="store_true",
                    help="run the encoder and decoder step through torch.compile: the fastest decoding at "
                         "every precision, after a one-time compilation of about a minute (int8) to a few (fp32, bf16)")
+
+
+def _load_translator(args: argparse.Namespace):
+    """Translator.load with the decode options; says once on stderr what --precision became."""
+    from aiayn.translator import Translator
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        translator = Translator.load(args.model, device=args.device, precision=args.precision, compile=args.compile)
+    choice = translator.precision_choice
+    for other in caught:  # the precision warning is said below, with the choice
+        if str(other.message) != choice.message:
+            warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
+    print(f"aiayn {args.command}: {'warning: ' if choice.warning else ''}{choice.message}", file=sys.stderr, flush=True)
+    return translator
 
 
 def _read_input_lines(path: str | None) -> list[str]:
@@ -251,10 +276,8 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_translate(args: argparse.Namespace) -> int:
-    from aiayn.translator import Translator
-
     # Load first: a bad model directory is reported before anything waits on stdin.
-    translator = Translator.load(args.model, device=args.device, precision=args.precision, compile=args.compile)
+    translator = _load_translator(args)
     lines = _read_input_lines(args.input)
     results = translator.translate(
         lines, beam_size=args.beam, length_penalty=args.length_penalty, max_len_a=args.max_len_a,
@@ -301,12 +324,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if args.hyp is not None:
         hypotheses = read_lines(args.hyp)
     else:
-        from aiayn.translator import Translator
-
         sources = read_lines(args.src)
         if len(sources) != len(references):
             raise ValueError(f"{args.src} has {len(sources)} lines but {args.ref} has {len(references)}")
-        translator = Translator.load(args.model, device=args.device, precision=args.precision, compile=args.compile)
+        translator = _load_translator(args)
         hypotheses = translator.translate(
             sources, beam_size=args.beam, length_penalty=args.length_penalty, max_len_a=args.max_len_a,
             max_len_b=args.max_len_b, batch_tokens=args.batch_tokens, progress=True,
@@ -319,9 +340,47 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- info ------------------------------------------------------------------------------------
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="what this machine can do and the defaults it implies",
+                       description="CPU / GPU capabilities (ISA features, native bf16, VNNI) and the precision "
+                                   "and speed paths aiayn chooses from them.")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: the device to report defaults for")
+    p.set_defaults(handler=_run_info)
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from aiayn import allocator, fused_beam_step, hardware
+
+    caps = hardware.detect()
+    for line in caps.report():
+        print(line)
+    auto = hardware.choose_precision("auto", args.device, capabilities=caps)
+    print(f"defaults on {args.device}:")
+    if auto.precision == "bf16":
+        print(f"  precision auto -> bf16 where it measures at least {hardware.MIN_BF16_SPEEDUP}x faster than "
+              f"fp32 on the model at hand ({auto.reason}), else fp32")
+    else:
+        print(f"  {auto.message}")
+    if args.device == "cpu":
+        bf16 = hardware.choose_precision("bf16", "cpu", capabilities=caps)
+        print(f"  precision bf16: {'native' if not bf16.warning else bf16.reason}")
+        int8 = hardware.choose_precision("int8", "cpu", capabilities=caps)
+        print(f"  precision int8: {int8.reason if int8.precision == 'int8' else 'fp32 instead: ' + int8.reason}")
+        print(f"  oneDNN pre-packed linear layers: fp32 {'yes' if caps.onednn else 'no'}, "
+              f"bf16 {'yes' if caps.onednn_bf16 else 'no'}")
+        print("  fused C++ beam step: " + ("yes" if fused_beam_step.available() else
+                                           "no (it could not be built: torch.log_softmax + beam_step)"))
+        print(f"  glibc malloc keeps freed memory: {'yes' if allocator.applicable() else 'no'}")
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------------
 
-_SUBCOMMANDS = [_add_train, _add_average, _add_attention, _add_positions, _add_translate, _add_evaluate, _add_serve]
+_SUBCOMMANDS = [_add_train, _add_average, _add_attention, _add_positions, _add_translate, _add_evaluate, _add_serve,
+                _add_info]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,6 +401,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 0
+    # Warnings (a slow precision here, an overlong line) as one line each, like the errors below.
+    saved_format = warnings.formatwarning
+    warnings.formatwarning = lambda message, *rest, **kw: f"aiayn {args.command}: warning: {message}\n"
+    try:
+        return _run(args)
+    finally:
+        warnings.formatwarning = saved_format
+
+
+def _run(args: argparse.Namespace) -> int:
     if os.environ.get("AIAYN_DEBUG"):
         return args.handler(args)
     try:

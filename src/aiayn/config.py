@@ -168,7 +168,7 @@ class TrainConfig(_DictConfig):
     max_epochs: float | None = None
     max_minutes: float | None = None
     max_sentence_tokens: int = 250  # longer training pairs are skipped (and counted)
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | auto (bf16 where native and faster: aiayn.hardware)
     device: str = "cpu"
     seed: int = 1
     threads: int | None = None
@@ -185,7 +185,8 @@ class TrainConfig(_DictConfig):
             _check(isinstance(value, int) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
         _check(self.lr_scale > 0, f"lr_scale must be > 0, got {self.lr_scale}")
         _check(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        _check(self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}")
+        _check(self.precision in ("auto", "fp32", "bf16"),
+               f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         _check(self.device in ("cpu", "cuda"), f"device must be cpu or cuda, got {self.device!r}")
         _check(self.clip_norm >= 0, f"clip_norm must be >= 0, got {self.clip_norm}")
         _check(self.eval_every >= 0 and self.save_every >= 0, "eval_every and save_every must be >= 0")

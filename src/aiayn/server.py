@@ -20,6 +20,7 @@ import contextlib
 import logging
 import queue
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -523,14 +524,20 @@ def serve(
     max_wait_ms: float = 5.0,
     batching: bool = True,
     device: str = "cpu",
+    precision: str = "auto",
+    compile: bool = False,
 ) -> None:
-    """Load the model in `model_dir` and serve it until interrupted (`aiayn serve`)."""
+    """Load the model in `model_dir` and serve it until interrupted (`aiayn serve`).
+
+    precision / compile: as `Translator.load` takes them; "auto" is resolved once, at start."""
     _require_fastapi()
     import uvicorn
 
     from aiayn.translator import Translator
 
-    translator = Translator.load(model_dir, device=device)
+    translator = Translator.load(model_dir, device=device, precision=precision, compile=compile)
+    if not translator.precision_choice.warning:  # a warning has been printed already
+        print(translator.precision_choice.message, file=sys.stderr, flush=True)
     app = create_app(
         translator,
         max_batch_sentences=max_batch_sentences,

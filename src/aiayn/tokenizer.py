@@ -85,6 +85,18 @@ class Tokenizer:
         """
         if vocab_size <= len(_SPECIAL_PIECES):
             raise ValueError(f"vocab_size must exceed {len(_SPECIAL_PIECES)}, got {vocab_size}")
+        texts = list(texts)
+        if character_coverage == 1.0:
+            # Every character is a piece of its own (a space becomes "▁"), before any merge: say so
+            # in our words rather than SentencePiece's internal check.
+            characters = len(set("".join(texts).replace(" ", "\u2581")))
+            needed = characters + len(_SPECIAL_PIECES)
+            if vocab_size < needed:
+                raise ValueError(
+                    f"vocab_size {vocab_size} is too small for this text: its {characters} distinct characters "
+                    f"and {len(_SPECIAL_PIECES)} special pieces need at least {needed}; use --vocab-size {needed} "
+                    f"or more (a few thousand gives BPE room to merge: 8000 for Multi30k)"
+                )
         threads = num_threads if num_threads is not None else min(os.cpu_count() or 1, 8)
         writer = io.BytesIO()
         try:

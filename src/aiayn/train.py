@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from aiayn import hardware
 from aiayn.allocator import retain_freed_memory
 from aiayn.config import ModelConfig
 from aiayn.model import Transformer
@@ -272,6 +274,30 @@ def _autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def training_timings(model: Transformer, batch, device: torch.device, precisions=("fp32", "bf16"), *,
+                     label_smoothing: float = 0.1, repeats: int = 2) -> dict[str, float]:
+    """Seconds per precision of a forward and backward pass over `batch` (an `aiayn.data.Batch`),
+    on a copy of `model` (left untouched, the caller's random state too): what
+    `--precision auto` weighs for training."""
+    import copy
+
+    probe = copy.deepcopy(_unwrap(model)).to(device).train()
+    criterion = TranslationLoss(probe, label_smoothing=label_smoothing)
+    batch = batch.to(device)
+
+    def run(precision: str) -> None:
+        with _autocast(device, precision):
+            loss, _ = criterion(batch.src_tokens, batch.tgt_input, batch.tgt_output)
+        loss.backward()
+        probe.zero_grad(set_to_none=True)
+
+    runs = {precision: (lambda precision=precision: run(precision)) for precision in precisions}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for warm_up in runs.values():
+            warm_up()
+        return hardware.time_each(runs, repeats=repeats)
+
+
 def _batch_stream(iterator):
     while True:
         yield from iterator
@@ -389,6 +415,20 @@ def fit(
         (out_dir / "log.jsonl").unlink(missing_ok=True)
     if is_main:
         _atomic_write_bytes(out_dir / "train_config.json", json.dumps(config.to_dict(), indent=2).encode())
+    # "auto" is resolved here, on the machine that trains (a resumed run may be on another). With
+    # several processes the choice rests on capability alone, so that every rank makes the same one.
+    precision_choice = hardware.choose_precision(
+        config.precision, device,
+        timings=None if world > 1 else lambda: training_timings(
+            model, next(iter(BatchIterator(train_corpus, config.batch_tokens, shuffle=False))), device,
+            label_smoothing=config.label_smoothing),
+    )
+    if is_main:
+        if precision_choice.warning:
+            print(f"warning: {precision_choice.message}", file=sys.stderr, flush=True)
+        else:
+            print(precision_choice.message, flush=True)
+    config = config.replace(precision=precision_choice.precision)
 
     log_file = open(out_dir / "log.jsonl", "a", encoding="utf-8") if is_main else None  # noqa: SIM115
 
@@ -549,6 +589,7 @@ def fit(
     return {
         "steps": step, "epochs": epochs_done(), "best_valid_bleu": best_bleu if best_bleu > float("-inf") else None,
         "elapsed_s": elapsed, "tokens_per_s": total_tokens / max(time.monotonic() - start, 1e-9),
+        "precision": config.precision,
     }
 
 
@@ -687,7 +728,8 @@ def train_from_args(args) -> dict[str, Any]:
         # Only the stopping rules may change on resume; everything else must match the run.
         train_config = train_config.replace(**{k: v for k, v in flags.items() if k in _STOPPING})
     else:
-        train_values = {**recipe.get("train", {}), **_key_values(args.set, "--set"), **flags}
+        # The command's default precision is "auto" (TrainConfig's, for library callers, is fp32).
+        train_values = {"precision": "auto", **recipe.get("train", {}), **_key_values(args.set, "--set"), **flags}
         train_config = TrainConfig.from_dict(train_values)
     rank, world, _ = _distributed_context(train_config.device)
 
@@ -747,7 +789,7 @@ def train_from_args(args) -> dict[str, Any]:
     torch.manual_seed(train_config.seed)
     model = Transformer(model_config)
     say(f"model: {model.num_parameters() / 1e6:.2f}M parameters; training on {train_config.device} "
-        f"({train_config.precision}), {world} process(es)")
+        f"(precision {train_config.precision}), {world} process(es)")
     summary = fit(
         model, tokenizer, train_corpus, train_config, out_dir, valid_corpus=valid_corpus,
         valid_references=references, info={"src_lang": src_lang, "tgt_lang": tgt_lang, "data": spec},

@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from aiayn import hardware
 from aiayn.allocator import retain_freed_memory
 from aiayn.search import beam_search
 
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "int8")  # what a model is cast to; "auto" resolves to one of them
 
 
 @dataclass
@@ -44,6 +45,33 @@ def _check_precision(precision: str, device: str | torch.device) -> torch.device
     if precision == "int8" and device.type != "cpu":
         raise ValueError(f"precision int8 runs on the CPU only, got device {device}")
     return device
+
+
+def decoding_timings(model, device: str | torch.device, precisions=("fp32", "bf16"), *, rows: int = 32,
+                     source_len: int = 16, steps: int = 8) -> dict[str, float]:
+    """Seconds per precision for an encoder pass and `steps` cached decoder steps of `rows`
+    sentences, each on its own inference copy of `model` (left untouched): what
+    `--precision auto` weighs. Random source tokens; the work does not depend on their values."""
+    import copy
+
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(0)
+    src_tokens = torch.randint(4, model.config.vocab_size, (rows, source_len), generator=generator).to(device)
+    tokens = torch.full((rows, 1), model.config.bos_id, dtype=torch.long, device=device)  # [B, 1]
+
+    def run(candidate) -> None:
+        with torch.inference_mode():
+            encoder_out = candidate.encode(src_tokens)
+            cache = candidate.new_cache()
+            for _ in range(steps):
+                candidate.decode(tokens, encoder_out, cache=cache)
+
+    runs = {}
+    for precision in precisions:
+        candidate = cast_for_inference(copy.deepcopy(model).eval(), precision, device)
+        runs[precision] = lambda candidate=candidate: run(candidate)
+        runs[precision]()  # warm-up: first-call allocations and kernel selection
+    return hardware.time_each(runs)
 
 
 def cast_for_inference(model, precision: str, device: str | torch.device = "cpu", *, compile: bool = False):
@@ -80,7 +108,8 @@ def cast_for_inference(model, precision: str, device: str | torch.device = "cpu"
     if device.type == "cpu" and precision != "int8":
         from aiayn import prepack
 
-        if prepack.available():
+        # oneDNN packs bf16 weights only where its bf16 kernels run (it raises elsewhere).
+        if prepack.available() and (precision == "fp32" or hardware.detect().onednn_bf16):
             prepack.pack_linear_layers(model)
     return model
 
@@ -156,6 +185,9 @@ class Translator:
             `device`); the positional table, log-softmax and scores stay float32. Casting once is
             faster than torch.autocast, which re-casts the weights on every call (1.16x at beam 4).
             "int8" (CPU only): linear layers in int8 arithmetic (see `cast_for_inference`).
+            "auto": bf16 where it is native on `device` and measured faster on this model
+            (`decoding_timings`), else fp32 (`aiayn.hardware.choose_precision`). What it resolved
+            to, and why, is `precision_choice`; an explicit bf16 where it is not native warns.
         compile: run the encoder and decoder step through `torch.compile` (`compile_model`); the first
             translations are slow while it compiles.
         info: the model directory's info dict (e.g. "src_lang", "tgt_lang").
@@ -167,9 +199,13 @@ class Translator:
                  compile: bool = False, info: dict[str, Any] | None = None) -> None:
         self.device = torch.device(device)
         self.num_parameters = sum(p.numel() for p in model.parameters())  # before packing / int8
-        self.model = cast_for_inference(model.eval(), precision, self.device, compile=compile)
+        self.precision_choice = hardware.choose_precision(
+            precision, self.device, timings=lambda: decoding_timings(model, self.device))
+        if self.precision_choice.warning:
+            warnings.warn(self.precision_choice.message, RuntimeWarning, stacklevel=2)
+        self.precision = self.precision_choice.precision
+        self.model = cast_for_inference(model.eval(), self.precision, self.device, compile=compile)
         self.tokenizer = tokenizer
-        self.precision = precision
         self.info = dict(info or {})
 
     @classmethod
@@ -184,7 +220,8 @@ class Translator:
         """A Translator for a model directory written by `aiayn.train.save_model`."""
         from aiayn.train import load_model
 
-        _check_precision(precision, device)  # before loading: no model moved to a device it cannot use
+        if precision != "auto":  # before loading: no model moved to a device it cannot use
+            _check_precision(precision, device)
         model, tokenizer, info = load_model(model_dir, device)
         return cls(model, tokenizer, device=device, precision=precision, compile=compile, info=info)
 
