@@ -274,7 +274,10 @@ def test_translate_int8_quantises_linear_layers_and_keeps_alignment(model_dir, t
         not hardware.detect().cpu_vnni,
         reason="int8 needs VNNI (AVX512-VNNI, AVX-VNNI or AMX-INT8); this CPU runs int8 requests in fp32")),
 ])
-def test_compiled_decoder_translates_as_eager(model_dir, precision):
+def test_compiled_decoder_translates_as_eager(model_dir, precision, monkeypatch):
+    # Without max_autotune: it multiplies the compile time (minutes on an AVX2 CPU) and its GEMM
+    # kernels are inductor's; test_float_models_autotune_on_the_cpu checks that it is asked for.
+    monkeypatch.setattr(translator_module, "CPU_AUTOTUNE", False)
     eager = Translator.load(model_dir, precision=precision)
     compiled = Translator.load(model_dir, precision=precision, compile=True)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -301,6 +304,34 @@ def test_compiled_decoder_translates_as_eager(model_dir, precision):
     out = compiled.translate(SENTENCES, beam_size=2, max_len_b=8)
     assert out == eager.translate(SENTENCES, beam_size=2, max_len_b=8)
     assert out == [compiled.translate([s], beam_size=2, max_len_b=8)[0] for s in SENTENCES]
+
+
+def test_float_models_autotune_on_the_cpu(monkeypatch):
+    asked = []
+
+    def fake_compile(function, **kwargs):
+        asked.append(kwargs)
+        return function
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = Transformer(ModelConfig.preset("tiny")).eval()
+    translator_module.compile_model(model, freeze=True)  # float: autotuned linear layers
+    translator_module.compile_model(model, freeze=False)  # int8 layers: nothing to tune
+    autotune = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+    assert [kwargs["options"] for kwargs in asked] == [autotune, autotune, None, None]
+    assert all(kwargs["dynamic"] is True for kwargs in asked)
+
+
+def test_compile_without_a_compiler_warns_and_runs_eagerly(model_dir, translator, monkeypatch):
+    import dataclasses
+
+    caps = dataclasses.replace(hardware.detect(), cpp_compiler=None)
+    monkeypatch.setattr(hardware, "detect", lambda: caps)
+    with pytest.warns(RuntimeWarning, match="--compile needs a C\\+\\+ compiler"):
+        eager = Translator.load(model_dir, precision="fp32", compile=True)
+    assert eager.model.decode.__func__ is Transformer.decode  # not routed through torch.compile
+    assert eager.translate(SENTENCES, beam_size=2, max_len_b=8) == translator.translate(SENTENCES, beam_size=2,
+                                                                                         max_len_b=8)
 
 
 def test_compiled_step_is_not_specialised_to_a_row_count_equal_to_the_head_count():

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class Capabilities:
     onednn_bf16: bool = False  # oneDNN's bf16 kernels run here (its packing raises otherwise)
     cuda_device: str | None = None
     cuda_bf16: bool = False
+    cpp_compiler: str | None = None  # what torch.compile and the fused beam step build with on the CPU
 
     @property
     def cpu_bf16(self) -> bool:
@@ -98,6 +100,7 @@ class Capabilities:
             f"fast int8 (VNNI): {'yes' if self.cpu_vnni else 'no'}",
             "cuda: " + (f"{self.cuda_device}, native bf16 {'yes' if self.cuda_bf16 else 'no'}"
                         if self.cuda_device else "none"),
+            f"c++ compiler (torch.compile on the cpu): {self.cpp_compiler or 'none found'}",
         ]
 
 
@@ -109,6 +112,14 @@ def _cpu_model(capabilities: dict) -> str:
     except OSError:
         pass
     return str(capabilities.get("cpu_name") or platform.processor() or "unknown")
+
+
+def _cpp_compiler() -> str | None:
+    """The C++ compiler inductor would call ($CXX, else g++ / clang++ / c++ on the PATH)."""
+    for name in (os.environ.get("CXX"), "g++", "clang++", "c++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
 
 
 @functools.lru_cache(maxsize=1)
@@ -132,6 +143,7 @@ def detect() -> Capabilities:
         onednn_bf16=onednn_bf16,
         cuda_device=torch.cuda.get_device_name(0) if cuda else None,
         cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
+        cpp_compiler=_cpp_compiler(),
     )
 
 

@@ -103,6 +103,10 @@ def cast_for_inference(model, precision: str, device: str | torch.device = "cpu"
             model.to(torch.bfloat16)
             model.positions.float()
         model = model.to(device)
+    if compile and device.type == "cpu" and hardware.detect().cpp_compiler is None:
+        warnings.warn("--compile needs a C++ compiler on the CPU (g++ or clang++, or set CXX); none was found, "
+                      "so the model runs eagerly", RuntimeWarning, stacklevel=2)
+        compile = False
     if compile:
         return compile_model(model, freeze=precision != "int8")
     if device.type == "cpu" and precision != "int8":
@@ -112,6 +116,11 @@ def cast_for_inference(model, precision: str, device: str | torch.device = "cpu"
         if prepack.available() and (precision == "fp32" or hardware.detect().onednn_bf16):
             prepack.pack_linear_layers(model)
     return model
+
+
+# Float models compiled on the CPU autotune their linear layers (see `compile_model`). The tests
+# turn it off: it multiplies compile time, and the kernels it picks are inductor's own.
+CPU_AUTOTUNE = True
 
 
 def compile_model(model, *, freeze: bool):
@@ -126,13 +135,11 @@ def compile_model(model, *, freeze: bool):
     oneDNN itself). For float models only: with int8 layers (`aiayn.quantize`) freezing makes
     this PyTorch's compiled step produce no usable scores.
 
-    Float models on the CPU also compile with `max_autotune`: each linear layer's shape is timed
-    with inductor's C++ GEMM template against ATen's kernel, and the faster one is kept. That adds
-    up to a minute or two to the first calls. At a few rows per step the template streams the
-    weights far faster than MKL's matrix-vector product (same process, float32 greedy at one
-    sentence: 428 -> 850 tokens/s; beam 4: 380 -> 566; bf16 greedy 681 -> 1,139); at 32
-    sentences nothing changes (beam 4: fp32 1,556 -> 1,600, bf16 2,413 -> 2,412). Int8 layers call
-    `torch._int_mm` directly, so there is nothing to tune.
+    Float models on the CPU also compile with `max_autotune` (`CPU_AUTOTUNE`): each linear layer's
+    shape is timed with inductor's C++ GEMM template against ATen's kernel, and the faster one is
+    kept. That adds a few minutes to the first calls. At a few rows per step the template streams
+    the weights far faster than MKL's matrix-vector product, with AVX-512 and with AVX2 kernels
+    alike (benchmarks/RESULTS.md). Int8 layers call `torch._int_mm` directly: nothing to tune.
 
     Dynamo traces without duck shaping: by default it gives dimensions that happen to be equal
     the same symbol. At beam 4 and one sentence, the decoder's 4 rows then share the symbol of the
@@ -144,7 +151,7 @@ def compile_model(model, *, freeze: bool):
     # model (all run Transformer.decode), then falls back to eager. One model needs about 8 (first
     # step / cache length 1 / longer; one row / more rows; with / without weights).
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    autotune = freeze and next(model.parameters()).device.type == "cpu"
+    autotune = CPU_AUTOTUNE and freeze and next(model.parameters()).device.type == "cpu"
     options = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"} if autotune else None
     for name in ("encode", "decode"):
         compiled = torch.compile(getattr(model, name), dynamic=True, options=options)
