@@ -368,11 +368,11 @@ def test_training_timings_leave_the_model_and_random_state_alone(corpus):
     tokenizer, data, _ = corpus
     model = _model(tokenizer)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    batch = next(iter(BatchIterator(data, 600, shuffle=False)))
+    batches = list(BatchIterator(data, 600, shuffle=False))[:2]
     torch.manual_seed(7)
     expected_next = torch.rand(3)
     torch.manual_seed(7)
-    seconds = training_timings(model, batch, torch.device("cpu"), repeats=1)
+    seconds = training_timings(model, batches, torch.device("cpu"), repeats=1)
     assert set(seconds) == {"fp32", "bf16"} and all(0 < s < 60 for s in seconds.values())
     assert torch.equal(torch.rand(3), expected_next)  # dropout in the probe drew from a forked generator
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

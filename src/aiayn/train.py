@@ -274,22 +274,24 @@ def _autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def training_timings(model: Transformer, batch, device: torch.device, precisions=("fp32", "bf16"), *,
+def training_timings(model: Transformer, batches: list, device: torch.device, precisions=("fp32", "bf16"), *,
                      label_smoothing: float = 0.1, repeats: int = 2) -> dict[str, float]:
-    """Seconds per precision of a forward and backward pass over `batch` (an `aiayn.data.Batch`),
-    on a copy of `model` (left untouched, the caller's random state too): what
-    `--precision auto` weighs for training."""
+    """Seconds per precision of a forward and backward pass over each of `batches` (`aiayn.data.Batch`),
+    on a copy of `model` (left untouched, the caller's random state too): what `--precision auto`
+    weighs for training. Pass batches like those the run will see: for a small model, whether bf16
+    wins depends on their shapes (benchmarks/RESULTS.md)."""
     import copy
 
     probe = copy.deepcopy(_unwrap(model)).to(device).train()
     criterion = TranslationLoss(probe, label_smoothing=label_smoothing)
-    batch = batch.to(device)
+    batches = [batch.to(device) for batch in batches]
 
     def run(precision: str) -> None:
-        with _autocast(device, precision):
-            loss, _ = criterion(batch.src_tokens, batch.tgt_input, batch.tgt_output)
-        loss.backward()
-        probe.zero_grad(set_to_none=True)
+        for batch in batches:
+            with _autocast(device, precision):
+                loss, _ = criterion(batch.src_tokens, batch.tgt_input, batch.tgt_output)
+            loss.backward()
+            probe.zero_grad(set_to_none=True)
 
     runs = {precision: (lambda precision=precision: run(precision)) for precision in precisions}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -415,13 +417,17 @@ def fit(
         (out_dir / "log.jsonl").unlink(missing_ok=True)
     if is_main:
         _atomic_write_bytes(out_dir / "train_config.json", json.dumps(config.to_dict(), indent=2).encode())
-    # "auto" is resolved here, on the machine that trains (a resumed run may be on another). With
-    # several processes the choice rests on capability alone, so that every rank makes the same one.
+    # "auto" is resolved here, on the machine that trains (a resumed run may be on another), timed
+    # on the run's own first batches. With several processes the choice rests on capability alone,
+    # so that every rank makes the same one.
+    def first_batches(count: int = 3) -> list:
+        stream = iter(BatchIterator(train_corpus, config.batch_tokens, shuffle=True, seed=config.seed))
+        return [batch for _, batch in zip(range(count), stream)]
+
     precision_choice = hardware.choose_precision(
         config.precision, device,
         timings=None if world > 1 else lambda: training_timings(
-            model, next(iter(BatchIterator(train_corpus, config.batch_tokens, shuffle=False))), device,
-            label_smoothing=config.label_smoothing),
+            model, first_batches(), device, label_smoothing=config.label_smoothing),
     )
     if is_main:
         if precision_choice.warning:
