@@ -140,3 +140,19 @@ def test_results_keep_the_latest_run_per_machine_class(tmp_path):
     assert "run 3" in text and "run 2" in text and "run 1" not in text
     assert text.index("AVX2 CPU: run 3") < text.index("AMX CPU: run 2")  # each class keeps its place
     assert history.read_text() == "\n## AVX2 CPU: run 1\n\n| a | 1 |\n"
+
+
+def test_decoding_benchmark_without_native_bf16_or_vnni_runs_only_fast_systems(monkeypatch):
+    from test_hardware import AVX2
+
+    from aiayn import hardware
+    from benchmarks import decoding, workload
+
+    monkeypatch.setattr(hardware, "detect", lambda: AVX2)
+    sources = workload.decoding_sources(2)
+    result = decoding.run(sources, batch_sizes=[2], beams=[1], threads=1, device=torch.device("cpu"))
+    systems = [row["system"] for row in result["modes"]["greedy, batch 2"]]
+    assert systems[0] == "aiayn fp32" and "aiayn bf16" not in systems and "aiayn int8" not in systems
+    assert not any("bf16" in name for name in systems)  # the peers' bf16 too: a reference GEMM here
+    assert "no native bf16 on this device: bf16 systems skipped" in result["notes"]
+    assert "no VNNI on this CPU: aiayn int8 systems skipped" in result["notes"]
