@@ -30,16 +30,6 @@ PEAK_BF16_TFLOPS = {
 }
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def cpu_flags() -> list[str]:
     """The CPU features that decide CPU matmul speed (AVX-512, bf16, VNNI, AMX), as aiayn reads them."""
     features = hardware.detect().features
@@ -90,7 +80,7 @@ def describe(threads: int) -> dict:
     """Everything a reader needs to judge (and reproduce) the numbers."""
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "cpu": cpu_model(),
+        "cpu": hardware.detect().cpu_model,
         "cpu_flags": cpu_flags(),
         "machine_class": hardware.detect().machine_class,
         "aten_capability": hardware.detect().aten_capability,
