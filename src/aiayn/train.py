@@ -357,6 +357,9 @@ def fit(
     SIGTERM (or a first Ctrl-C) stops the run after the current update, with a final validation and
     checkpoint, like reaching a max_* limit.
 
+    config.precision "auto" is resolved at the start (`aiayn.hardware.choose_precision`, timed by
+    `training_timings`) and said on one line; the summary's "precision" is what ran.
+
     Returns:
         a summary dict: steps, epochs, best validation BLEU, elapsed seconds, tokens/s.
     Raises:
