@@ -260,6 +260,13 @@ def test_memory_rows_shared_by_beams_equal_expanded_memory():
     assert cache.layers[0].cross_attn.keys.size(0) == 2  # cached once per source
     with pytest.raises(ValueError, match="5 query rows cannot share 2 memory rows"):
         model.decode(tgt[:5], shared)
+    # Beam rows index the decoder cache, not the shared cross-attention rows: reordering both
+    # with them would pick the wrong sources' keys (row 4 of 2), so it is refused.
+    beam_rows = torch.tensor([2, 2, 0, 4, 3, 3])
+    with pytest.raises(ValueError, match="holds 2 rows shared by 6 decoder rows"):
+        cache.reorder(beam_rows)
+    cache.reorder(beam_rows, include_cross=False)
+    assert cache.layers[0].cross_attn.rows == 2 and cache.layers[0].self_attn.rows == 6
 
 
 def test_cache_reorder_selects_rows():

@@ -32,7 +32,8 @@ def model() -> Transformer:
 def beam_path(request, monkeypatch):
     """Beam search through its fused C++ step (the CPU default) and through log_softmax + beam_step."""
     if request.param == "fused":
-        assert fused_beam_step.available()  # built with the C++ toolchain that torch.compile uses
+        if not fused_beam_step.available():
+            pytest.skip("the fused beam step could not be built here (no C++ compiler torch.compile can use)")
     else:
         monkeypatch.setattr(aiayn.search, "fused_beam_step_available", lambda: False)
     return request.param
@@ -88,8 +89,9 @@ def test_beam_step_keeps_2k_candidates_sorted():
 
 
 def test_beam_step_equals_one_topk_over_all_sums():
-    """The two-stage top-k (2K per beam, then 2K overall) == brute force over all K * V sums,
-    including empty beam slots (-inf) and a beam whose best tokens all beat the other beam's."""
+    """The block maxima (blocks of 8 tokens: 6 whole blocks and a partial one per beam) == brute
+    force over all K * V sums, including empty beam slots (-inf) and a beam whose best tokens all
+    beat the other beams'."""
     generator = torch.Generator().manual_seed(3)
     batch, beam, vocab = 5, 4, 50
     scores = torch.randn(batch, beam, generator=generator) * 3
@@ -97,12 +99,14 @@ def test_beam_step_equals_one_topk_over_all_sums():
     step = torch.log_softmax(torch.randn(batch, beam, vocab, generator=generator) * 2, dim=-1)
     scores[1] = 0.0
     step[1, 2] += 5.0  # beam 2's 2K best tokens beat every token of the other beams of sentence 1
-    cand_scores, beams, tokens = beam_step(scores, step)
+    cand_scores, beams, tokens = beam_step(scores, step, block=8)
     brute_scores, brute_index = (scores[:, :, None] + step).view(batch, -1).topk(2 * beam, dim=-1)
     assert torch.equal(cand_scores, brute_scores)
     assert torch.equal(beams, brute_index // vocab)
     assert torch.equal(tokens, brute_index % vocab)
     assert beams[1].tolist() == [2] * (2 * beam)
+    # With one block per beam (block >= V) the same again: the block path is not the only one.
+    assert torch.equal(beam_step(scores, step, block=64)[0], brute_scores)
 
 
 @pytest.mark.parametrize("vocab", [8000, 8003])  # whole blocks of 64, a partial last block
@@ -410,3 +414,19 @@ def test_greedy_reuses_given_encoder_output(model):
     # A wrong encoder output changes the result: the argument is really used.
     other = model.encode(sources([5, 9, 3], seed=9))
     assert greedy_search(model, src, max_len_b=6, encoder_out=other) != greedy_search(model, src, max_len_b=6)
+
+
+def test_max_length_zero_gives_the_one_hypothesis_there_is(model, beam_path):
+    src = sources([4, 7], seed=8)
+    results = beam_search(model, src, beam_size=3, nbest=3, max_len_a=0.0, max_len_b=0)
+    assert [[h.tokens for h in hyps] for hyps in results] == [[[]], [[]]]  # EOS first: fewer than nbest
+    assert all(math.isfinite(hyps[0].score) for hyps in results)
+
+
+def test_nan_scores_give_a_clear_error_not_an_empty_result(model, beam_path, monkeypatch):
+    nan_model = Transformer(model.config).eval()
+    nan_model.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        nan_model.output_projection.weight.fill_(float("nan"))  # every logit NaN
+    with pytest.raises(RuntimeError, match="no hypothesis with a finite score for sentence 0"):
+        beam_search(nan_model, sources([4, 7], seed=8), beam_size=2)

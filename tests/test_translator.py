@@ -363,3 +363,35 @@ def test_compiled_step_is_not_specialised_to_a_row_count_equal_to_the_head_count
     traced = _traced_with_settings(torch.compile(model.decode, dynamic=True, backend="eager"), freeze=False)
     assert graphs_added_by_5_rows_after_4(traced) == 0
     torch._dynamo.reset()
+
+
+def test_translator_leaves_the_callers_model_alone_and_trainable(model_dir, translator):
+    from aiayn.train import load_model
+
+    model, tokenizer, _ = load_model(model_dir)
+    model.train()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    kinds = [type(module) for module in model.modules()]
+    for precision in ("fp32", "bf16", "int8"):
+        converted = Translator(model, tokenizer, precision=precision)
+        assert converted.model is not model
+    assert model.training and [type(module) for module in model.modules()] == kinds  # no layer replaced
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+    # Still trainable: an update moves the linear layers too, not only embeddings and LayerNorms.
+    src = torch.tensor([tokenizer.encode(SENTENCES[0])])
+    tgt = torch.tensor([[2] + tokenizer.encode("A man rides a bike.")])
+    model(src, tgt).logsumexp(-1).mean().backward()
+    linear1 = model.decoder_layers[0].feed_forward.linear1
+    assert isinstance(linear1, torch.nn.Linear) and linear1.weight.grad is not None
+    fp32 = Translator(model, tokenizer, precision="fp32")
+    assert fp32.translate(SENTENCES, beam_size=2, max_len_b=8) == translator.translate(SENTENCES, beam_size=2,
+                                                                                        max_len_b=8)
+
+
+def test_compiling_an_int8_model_with_frozen_weights_raises():
+    from aiayn.quantize import quantize_int8
+
+    model = quantize_int8(Transformer(ModelConfig.preset("tiny")).eval())
+    with pytest.raises(ValueError, match="freeze=True with int8 layers gives unusable scores"):
+        translator_module.compile_model(model, freeze=True)

@@ -134,6 +134,13 @@ class KVCache:
     def length(self) -> int:
         return 0 if self.keys is None else self.keys.size(2)
 
+    @property
+    def rows(self) -> int:
+        """Batch rows the cache holds (with a pending reorder applied); 0 when empty."""
+        if self.keys is None:
+            return 0
+        return self.keys.size(0) if self.order is None else self.order.numel()
+
     def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """Add [B, H, L, D] new keys / values; returns all of them [B, H, M + L, D]."""
         if self.keys is None:

@@ -215,8 +215,20 @@ class DecoderCache:
         """Keep / reorder batch rows, e.g. the surviving beams, or drop finished sentences.
 
         A beam step only permutes rows *within* each sentence, whose cross-attention keys and
-        values are identical; `include_cross=False` then skips copying them.
+        values are identical; `include_cross=False` then skips copying them. Where the beams of a
+        sentence share one cross-attention row (beam search), those rows are not indexed like the
+        decoder rows: reorder them with `reorder_cross` and the sentence rows.
+        Raises:
+            ValueError: include_cross with cross-attention rows shared by decoder rows.
         """
+        if include_cross:
+            first = self.layers[0]
+            if first.cross_attn.rows and first.cross_attn.rows != first.self_attn.rows:
+                raise ValueError(
+                    f"the cross-attention cache holds {first.cross_attn.rows} rows shared by "
+                    f"{first.self_attn.rows} decoder rows: reorder(..., include_cross=False) for the decoder "
+                    "rows, and reorder_cross(sentence rows) for the shared ones"
+                )
         for layer in self.layers:
             layer.self_attn.reorder(batch_index)
             if include_cross:

@@ -212,9 +212,11 @@ def beam_search(
         max_len_a, max_len_b: max output length = floor(a * source length + b) per row.
         nbest: hypotheses returned per sentence, best first.
     Returns:
-        B lists of `nbest` hypotheses sorted by score, descending.
+        B lists of hypotheses sorted by score, descending: `nbest` of them, or fewer where fewer
+        exist (a maximum length of 0 leaves only the empty translation).
     Raises:
         ValueError: beam_size < 1, nbest outside [1, beam_size], or length_penalty < 0.
+        RuntimeError: a sentence ends with no hypothesis (NaN / -inf scores everywhere).
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
@@ -303,6 +305,12 @@ def beam_search(
         scores = torch.tensor(next_scores, device=device).view(len(keep), beam)
         step += 1
 
+    for sentence, hyps in enumerate(finished):
+        if not hyps:  # only when every score is NaN / -inf: the maximum length forces EOS otherwise
+            raise RuntimeError(
+                f"beam search found no hypothesis with a finite score for sentence {sentence} of the batch: "
+                "the model's scores are NaN or -inf (a diverged or damaged model?)"
+            )
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]
 
 

@@ -8,6 +8,7 @@ Shape legend: L layers, H heads, S source pieces, T target pieces + 1 (BOS / EOS
 
 from __future__ import annotations
 
+import copy
 import sys
 import warnings
 from dataclasses import dataclass
@@ -52,8 +53,6 @@ def decoding_timings(model, device: str | torch.device, precisions=("fp32", "bf1
     """Seconds per precision for an encoder pass and `steps` cached decoder steps of `rows`
     sentences, each on its own inference copy of `model` (left untouched): what
     `--precision auto` weighs. Random source tokens; the work does not depend on their values."""
-    import copy
-
     device = torch.device(device)
     generator = torch.Generator().manual_seed(0)
     src_tokens = torch.randint(4, model.config.vocab_size, (rows, source_len), generator=generator).to(device)
@@ -133,7 +132,7 @@ def compile_model(model, *, freeze: bool):
 
     freeze: treat the weights as constants (inductor then pre-packs float linear layers for
     oneDNN itself). For float models only: with int8 layers (`aiayn.quantize`) freezing makes
-    this PyTorch's compiled step produce no usable scores.
+    this PyTorch's compiled step produce no usable scores, so it raises ValueError.
 
     Float models on the CPU also compile with `max_autotune` (`CPU_AUTOTUNE`): each linear layer's
     shape is timed with inductor's C++ GEMM template against ATen's kernel, and the faster one is
@@ -147,6 +146,11 @@ def compile_model(model, *, freeze: bool):
     goes to MKL's packed sgemm, which at 4 rows is about 2x slower than oneDNN (fp32, beam 4,
     batch 1, same process: 243 -> 333 tokens/s; int8 and bf16 unchanged).
     """
+    from aiayn.quantize import Int8Linear
+
+    if freeze and any(isinstance(module, Int8Linear) for module in model.modules()):
+        raise ValueError("compile_model: freeze=True with int8 layers gives unusable scores in this PyTorch; "
+                         "compile int8 models with freeze=False")
     # Dynamo keeps at most `recompile_limit` graphs per code object, shared by every compiled
     # model (all run Transformer.decode), then falls back to eager. One model needs about 8 (first
     # step / cache length 1 / longer; one row / more rows; with / without weights).
@@ -185,12 +189,13 @@ class Translator:
     """A model and its tokenizer, ready to translate lists of sentences.
 
     Args:
-        model: a `Transformer`; moved to `device` and put in eval mode.
+        model: a `Transformer`; left as it is: the Translator converts a copy of it (moved to
+            `device`, in eval mode, in `precision`).
         tokenizer: the model's `Tokenizer`.
         device: "cpu", "cuda", "cuda:1", ...
-        precision: "fp32"; "bf16": the weights are cast to bfloat16 (in place, like the move to
-            `device`); the positional table, log-softmax and scores stay float32. Casting once is
-            faster than torch.autocast, which re-casts the weights on every call (1.16x at beam 4).
+        precision: "fp32"; "bf16": the weights are cast to bfloat16; the positional table,
+            log-softmax and scores stay float32 (casting once is faster than torch.autocast,
+            which re-casts the weights on every call).
             "int8" (CPU only): linear layers in int8 arithmetic (see `cast_for_inference`).
             "auto": bf16 where it is native on `device` and measured faster on this model
             (`decoding_timings`), else fp32 (`aiayn.hardware.choose_precision`). What it resolved
@@ -203,7 +208,7 @@ class Translator:
     """
 
     def __init__(self, model, tokenizer, *, device: str | torch.device = "cpu", precision: str = "fp32",
-                 compile: bool = False, info: dict[str, Any] | None = None) -> None:
+                 compile: bool = False, info: dict[str, Any] | None = None, _owned: bool = False) -> None:
         self.device = torch.device(device)
         self.num_parameters = sum(p.numel() for p in model.parameters())  # before packing / int8
         self.precision_choice = hardware.choose_precision(
@@ -211,6 +216,9 @@ class Translator:
         if self.precision_choice.warning:
             warnings.warn(self.precision_choice.message, RuntimeWarning, stacklevel=2)
         self.precision = self.precision_choice.precision
+        # The conversion replaces layers and casts weights in place: on a copy, so that the
+        # caller's model stays as it was (same modules, trainable, a complete state dict).
+        model = model if _owned else copy.deepcopy(model)
         self.model = cast_for_inference(model.eval(), self.precision, self.device, compile=compile)
         self.tokenizer = tokenizer
         self.info = dict(info or {})
@@ -230,7 +238,7 @@ class Translator:
         if precision != "auto":  # before loading: no model moved to a device it cannot use
             _check_precision(precision, device)
         model, tokenizer, info = load_model(model_dir, device)
-        return cls(model, tokenizer, device=device, precision=precision, compile=compile, info=info)
+        return cls(model, tokenizer, device=device, precision=precision, compile=compile, info=info, _owned=True)
 
     @property
     def max_source_len(self) -> int:
