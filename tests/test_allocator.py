@@ -34,6 +34,7 @@ print(min(per_step[2:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc malloc only")
 def test_retain_freed_memory_stops_page_faults_between_steps():
     env = {k: v for k, v in os.environ.items() if k not in OPT_OUT_VARIABLES}

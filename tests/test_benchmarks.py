@@ -88,6 +88,7 @@ def test_greedy_is_identical_in_aiayn_marian_and_ctranslate2(model, tmp_path):
     assert [x[:cap] for x in ct2] == expected  # CTranslate2 stops at cap + 1 without EOS
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_json_and_markdown(tmp_path, monkeypatch):
     from benchmarks import run
 

@@ -213,6 +213,7 @@ if dist.is_initialized():
 """
 
 
+@pytest.mark.slow
 def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path, corpus):
     """2 gloo processes x 1 batch == 1 process accumulating 2 batches (the same global batch)."""
     tokenizer, _, _ = corpus

@@ -274,6 +274,7 @@ def test_translate_int8_quantises_linear_layers_and_keeps_alignment(model_dir, t
         not hardware.detect().cpu_vnni,
         reason="int8 needs VNNI (AVX512-VNNI, AVX-VNNI or AMX-INT8); this CPU runs int8 requests in fp32")),
 ])
+@pytest.mark.slow
 def test_compiled_decoder_translates_as_eager(model_dir, precision, monkeypatch):
     # Without max_autotune: it multiplies the compile time (minutes on an AVX2 CPU) and its GEMM
     # kernels are inductor's; test_float_models_autotune_on_the_cpu checks that it is asked for.
@@ -334,6 +335,7 @@ def test_compile_without_a_compiler_warns_and_runs_eagerly(model_dir, translator
                                                                                          max_len_b=8)
 
 
+@pytest.mark.slow
 def test_compiled_step_is_not_specialised_to_a_row_count_equal_to_the_head_count():
     # With duck shaping, dynamo gives 4 decoder rows and 4 heads one symbol and specialises the
     # step to 4 rows (beam 4, one sentence); float32 linear layers of a fixed row count then go to
