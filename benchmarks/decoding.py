@@ -4,8 +4,8 @@ All systems hold the *same weights*: a random (seeded) aiayn model of the `small
 into a Hugging Face `MarianMTModel` (`benchmarks.peers.marian_from_aiayn`) and from there into a
 CTranslate2 model. Each system runs fp32 and its faster CPU modes: aiayn bf16 and int8 (as
 `Translator(precision=...)` converts them: fp32 and bf16 linear layers pre-packed for oneDNN,
-`aiayn.prepack`, bf16 weights cast once; int8 weights and per-row int8 activations in every
-linear layer, `aiayn.quantize`), HF Marian bf16 (`model.to(torch.bfloat16)`) and int8
+`aiayn.inference.prepack`, bf16 weights cast once; int8 weights and per-row int8 activations in every
+linear layer, `aiayn.inference.quantize`), HF Marian bf16 (`model.to(torch.bfloat16)`) and int8
 (`torch.ao.quantization.quantize_dynamic` on its nn.Linear layers: fbgemm, one activation scale
 per call), CTranslate2 int8 weights (its CPU build has no bf16). int8 runs on the CPU only. They
 get the same batches of source ids (sentences sorted by length, `batch_size` per batch, one call
@@ -41,7 +41,7 @@ from aiayn.allocator import retain_freed_memory
 from aiayn.config import ModelConfig
 from aiayn.model import Transformer
 from aiayn.search import beam_search, greedy_search
-from aiayn.translator import cast_for_inference
+from aiayn.inference import beam_step_for, prepare
 
 from benchmarks.peers import ct2_from_marian, marian_from_aiayn, vocabulary
 
@@ -57,12 +57,15 @@ def _pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:
 
 
 def _aiayn(model: Transformer, beam: int, cap: int, device: torch.device) -> Callable:
+    step = beam_step_for(device)  # as the Translator searches
+
     def translate(rows: list[list[int]]) -> list[list[int]]:
         src = _pad(rows, model.config.pad_id).to(device)
         with torch.inference_mode():
             if beam == 1:
                 return greedy_search(model, src, max_len_a=0.0, max_len_b=cap)
-            hyps = beam_search(model, src, beam_size=beam, length_penalty=LENGTH_PENALTY, max_len_a=0.0, max_len_b=cap)
+            hyps = beam_search(model, src, beam_size=beam, length_penalty=LENGTH_PENALTY, max_len_a=0.0, max_len_b=cap,
+                               step=step)
         return [h[0].tokens for h in hyps]
 
     return translate
@@ -143,11 +146,11 @@ def run(
     precisions = [p for p in ("fp32", "bf16", "int8") if (bf16 or p != "bf16") and (int8 or p != "int8")]
     systems: dict[str, Callable[[int], Callable]] = {}
     for precision in precisions:
-        converted = cast_for_inference(copy.deepcopy(model), precision, device)
+        converted = prepare(model, precision=precision, device=device)
         systems[f"aiayn {precision}"] = lambda beam, m=converted: _aiayn(m, beam, cap, device)
     if compile:
         for precision in precisions:
-            compiled = cast_for_inference(copy.deepcopy(model), precision, device, compile=True)
+            compiled = prepare(model, precision=precision, device=device, compile=True)
             systems[f"aiayn {precision}+compile"] = lambda beam, m=compiled: _aiayn(m, beam, cap, device)
     workdir = tempfile.TemporaryDirectory(prefix="aiayn-bench-")
     try:

@@ -14,7 +14,6 @@ from aiayn.attention import (
     fast_attention,
     padding_mask,
     reference_attention,
-    summed_attention,
 )
 from aiayn.model import sinusoidal_table
 
@@ -143,27 +142,6 @@ def test_reference_equals_fast_path_outputs_and_gradients():
     assert (ref_out - fast_out).abs().max().item() < 1e-5
     for g_ref, g_fast in zip(grads_ref, grads_fast):
         assert (g_ref - g_fast).abs().max().item() < 1e-5
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_summed_attention_equals_reference(dtype):
-    # Rows of 4 queries (a sentence's beams) against padded keys, as in compiled beam search.
-    torch.manual_seed(3)
-    q, k, v = (torch.randn(3, 2, n, 8).to(dtype) for n in (4, 6, 6))
-    tokens = torch.randint(4, 20, (3, 6))
-    tokens[1, -2:] = PAD
-    tokens[2, 1:] = PAD
-    mask = padding_mask(tokens, PAD)
-    ref_out, _ = reference_attention(q.double(), k.double(), v.double(), mask)
-    out = summed_attention(q, k, v, mask)
-    assert out.dtype == dtype and out.shape == (3, 2, 4, 8)
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    assert (out.double() - ref_out).abs().max().item() < tolerance
-    # A key behind the mask changes nothing; the last row attends to its one real key alone.
-    k2 = k.clone()
-    k2[1, :, -1] = 100.0
-    assert torch.equal(summed_attention(q, k2, v, mask), out)
-    assert torch.allclose(out[2].float(), v[2, :, :1].float().expand(-1, 4, -1))
 
 
 def test_gradcheck_float64_attention_block():

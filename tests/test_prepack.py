@@ -4,9 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aiayn import ModelConfig, Transformer, hardware, prepack
+from aiayn import ModelConfig, Transformer, hardware
+from aiayn.inference import prepack
 from aiayn.attention import InProjection
-from aiayn.prepack import InferenceInProjection, PackedLinear, pack_linear_layers
+from aiayn.inference.layers import InferenceInProjection
+from aiayn.inference.prepack import PackedLinear, pack_linear_layers
 from aiayn.search import beam_search
 
 pytestmark = pytest.mark.skipif(not prepack.available(), reason="this PyTorch build has no oneDNN")

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from aiayn import ModelConfig, Transformer
 from aiayn.attention import InProjection
-from aiayn.prepack import InferenceInProjection
-from aiayn.quantize import Int8Linear, quantize_int8
+from aiayn.inference.layers import InferenceInProjection
+from aiayn.inference.quantize import Int8Linear, quantize_int8
 
 
 def test_int8_linear_matches_float_to_quantisation_error():

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import aiayn.search
-from aiayn import ModelConfig, Transformer, fused_beam_step
+from aiayn import ModelConfig, Transformer
+from aiayn.inference import fused_beam_step
 from aiayn.search import Hypothesis, beam_search, beam_step, greedy_search, length_penalty
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
@@ -34,8 +35,8 @@ def beam_path(request, monkeypatch):
     if request.param == "fused":
         if not fused_beam_step.available():
             pytest.skip("the fused beam step could not be built here (no C++ compiler torch.compile can use)")
-    else:
-        monkeypatch.setattr(aiayn.search, "fused_beam_step_available", lambda: False)
+        # Every beam_search call below without a step= gets the fused one as its default.
+        monkeypatch.setattr(aiayn.search, "log_prob_step", fused_beam_step.fused_beam_step)
     return request.param
 
 

@@ -6,14 +6,17 @@ import warnings
 import pytest
 import torch
 
-from aiayn import ModelConfig, Transformer, hardware, prepack
+from aiayn import ModelConfig, Transformer, hardware
+from aiayn.inference import compile as compile_module
+from aiayn.inference import prepack
 from aiayn import translator as translator_module
 from aiayn.cli import main
 from aiayn.data import read_parallel
 from aiayn.search import beam_search
 from aiayn.tokenizer import Tokenizer
 from aiayn.train import save_model
-from aiayn.translator import AttentionResult, Translator, _traced_with_settings
+from aiayn.inference.compile import _traced_with_settings
+from aiayn.translator import AttentionResult, Translator
 from conftest import MULTI30K
 
 MAX_POSITIONS = 40
@@ -278,7 +281,7 @@ def test_translate_int8_quantises_linear_layers_and_keeps_alignment(model_dir, t
 def test_compiled_decoder_translates_as_eager(model_dir, precision, monkeypatch):
     # Without max_autotune: it multiplies the compile time (minutes on an AVX2 CPU) and its GEMM
     # kernels are inductor's; test_float_models_autotune_on_the_cpu checks that it is asked for.
-    monkeypatch.setattr(translator_module, "CPU_AUTOTUNE", False)
+    monkeypatch.setattr(compile_module, "CPU_AUTOTUNE", False)
     eager = Translator.load(model_dir, precision=precision)
     compiled = Translator.load(model_dir, precision=precision, compile=True)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -316,8 +319,8 @@ def test_float_models_autotune_on_the_cpu(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     model = Transformer(ModelConfig.preset("tiny")).eval()
-    translator_module.compile_model(model, freeze=True)  # float: autotuned linear layers
-    translator_module.compile_model(model, freeze=False)  # int8 layers: nothing to tune
+    compile_module.compile_model(model, freeze=True)  # float: autotuned linear layers
+    compile_module.compile_model(model, freeze=False)  # int8 layers: nothing to tune
     autotune = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
     assert [kwargs["options"] for kwargs in asked] == [autotune, autotune, None, None]
     assert all(kwargs["dynamic"] is True for kwargs in asked)
@@ -392,8 +395,8 @@ def test_translator_leaves_the_callers_model_alone_and_trainable(model_dir, tran
 
 
 def test_compiling_an_int8_model_with_frozen_weights_raises():
-    from aiayn.quantize import quantize_int8
+    from aiayn.inference.quantize import quantize_int8
 
     model = quantize_int8(Transformer(ModelConfig.preset("tiny")).eval())
     with pytest.raises(ValueError, match="freeze=True with int8 layers gives unusable scores"):
-        translator_module.compile_model(model, freeze=True)
+        compile_module.compile_model(model, freeze=True)

@@ -1,6 +1,6 @@
 """Allocator settings for CPU work: keep freed memory in the process (glibc malloc).
 
-Called by `aiayn.translator.cast_for_inference` and `aiayn.train.fit` on the CPU.
+Called by `aiayn.inference.prepare` and `aiayn.train.fit` on the CPU (process-wide, once).
 """
 
 from __future__ import annotations

@@ -67,23 +67,6 @@ def fast_attention(
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p)
 
 
-def summed_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Equation 1 as elementwise products and sums instead of matrix products (no dropout).
-
-    For incremental decoding compiled by `torch.compile` on the CPU, where a row has a few
-    queries (beam search: a sentence's K beams query its memory together): inductor fuses the
-    whole attention, from the projected queries to the quantised input of W^O, into one loop nest.
-    The fused kernel otherwise used calls a small matrix product per row and head (MKL), whose
-    packing costs more than the arithmetic. Outside a compiled graph this would materialise
-    [B, H, L, M, D] products, and for long queries (the encoder) matrix products win.
-    """
-    scores = (query.unsqueeze(-2) * key.unsqueeze(-3)).sum(-1) / math.sqrt(query.size(-1))  # [B, H, L, M]
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
-    return (weights.to(value.dtype).unsqueeze(-1) * value.unsqueeze(-3)).sum(-2)  # [B, H, L, D]
-
-
 def scaled_dot_product_attention(
     query: Tensor,
     key: Tensor,
@@ -93,22 +76,14 @@ def scaled_dot_product_attention(
     need_weights: bool = False,
     incremental: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """Dispatch: the reference path when weights are asked for, the fused fast path otherwise.
+    """The reference path when weights are asked for, the fused fast path otherwise.
 
-    One query per row (incremental decoding, L = 1) also takes the reference path: there the
-    fused CPU kernel's per-call overhead costs more than the two small matmuls it would save
-    (measured at beam 4 x 32 sentences, 4 heads: 0.9-1.7 ms vs 0.3-0.4 ms per call in bf16).
-    Incremental decoding (`incremental`, a KV cache) with more queries per row, inside a graph
-    compiled on the CPU, takes `summed_attention` (beam 4, same process against the fused kernel:
-    +4.7% / +6.1% / +2.9% tokens/s for int8 / bf16 / fp32 at 32 sentences, +3% at one sentence).
+    This is the attention function a `MultiHeadAttention` calls (its `attend`); a faster one with
+    the same signature can be handed in (`aiayn.inference` does on the CPU). `incremental` says
+    the keys come from a KV cache (decoding one step at a time); this function does not need it.
     """
     if need_weights:
         return reference_attention(query, key, value, mask, dropout_p)
-    if query.device.type == "cpu":
-        if query.size(-2) == 1:
-            return reference_attention(query, key, value, mask, dropout_p)[0], None
-        if incremental and dropout_p == 0 and torch.compiler.is_compiling():
-            return summed_attention(query, key, value, mask), None
     return fast_attention(query, key, value, mask, dropout_p), None
 
 
@@ -122,8 +97,7 @@ class KVCache:
     `reorder` is lazy: it records which rows to take (`order`, composed with one still pending),
     and the rows are gathered when the cache is next appended to or read. Beam search reorders
     every step and appends right after, so inside a compiled decoder step (`torch.compile`) the
-    gather and the append fuse into one copy of the cache instead of two (int8 beam 4 at 32
-    sentences: +8-9% tokens/s).
+    gather and the append fuse into one copy of the cache instead of two.
     """
 
     keys: Tensor | None = None
@@ -209,6 +183,8 @@ class MultiHeadAttention(nn.Module):
         self.dropout = dropout
         self.in_proj = InProjection(d_model, 3 * d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        # Equation 1 itself; `aiayn.inference.prepare` hands a device-specific one to its copies.
+        self.attend = scaled_dot_product_attention
 
     def _split_heads(self, x: Tensor) -> Tensor:
         batch, length, _ = x.shape
@@ -259,7 +235,7 @@ class MultiHeadAttention(nn.Module):
                 if cache is not None:  # stored contiguous: read by every decoding step
                     k, v = cache.append(k.contiguous(), v.contiguous())
         dropout_p = self.dropout if self.training else 0.0
-        out, weights = scaled_dot_product_attention(q, k, v, mask, dropout_p, need_weights, cache is not None)
+        out, weights = self.attend(q, k, v, mask, dropout_p, need_weights, cache is not None)
         # Rows of G * L queries unfold back into G rows of L (a no-op when G = 1).
         out = out.transpose(1, 2).reshape(batch, length, self.d_model)  # [B, L, E]
         if weights is not None and weights.size(0) != batch:

@@ -352,7 +352,8 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from aiayn import allocator, fused_beam_step, hardware
+    from aiayn import allocator, hardware
+    from aiayn.inference import fused_beam_step
 
     caps = hardware.detect()
     for line in caps.report():

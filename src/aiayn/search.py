@@ -3,9 +3,9 @@
 Shape legend: B sentences, K beam size, A sentences still active, S source length, V vocabulary,
 C = 2K candidates per sentence.
 
-On the CPU the log-softmax, the token masks and `beam_step` of a step run fused in C++
-(`aiayn.fused_beam_step`, tested to give the same candidates); the code below is the reference and
-the path everywhere else.
+A beam step turns the decoder's logits into the 2K best candidates (`log_prob_step`: log-softmax,
+token masks, `beam_step`); a faster step with the same result can be handed to `beam_search`
+(`step=`, e.g. the fused C++ one of `aiayn.inference`).
 
 Layout follows fairseq: a pure `beam_step` (fairseq `search.py` BeamSearch.step) that picks the top
 2K (score, beam, token) candidates, and a short loop (fairseq `sequence_generator.py`) that owns the
@@ -39,9 +39,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-from aiayn.fused_beam_step import available as fused_beam_step_available
-from aiayn.fused_beam_step import fused_beam_step
 
 # --- pieces -------------------------------------------------------------------------------------
 
@@ -119,25 +116,38 @@ def max_output_lengths(model, src_tokens: Tensor, max_len_a: float, max_len_b: i
     return lengths.clamp(min=0, max=model.config.max_positions - 1)
 
 
-def _next_token_scores(
-    model, last_tokens: Tensor, encoder_out, cache, at_max: Tensor | None, *, log_probs: bool
-) -> Tensor:
-    """One decoder step: float32 [N, V] next-token log-probs (or raw logits, for an argmax).
-
-    <pad> and <s> are never generated; rows where `at_max` (bool [N], None = no row) may only
-    produce EOS.
-    """
-    config = model.config
-    scores = model.decode(last_tokens, encoder_out, cache=cache).logits[:, -1].float()  # [N, V]
-    if log_probs:  # in place: a fresh [N, V] buffer per step costs page faults (~1 ms at 128 x 8k)
-        torch.log_softmax(scores, dim=-1, out=scores)
-    scores[:, config.pad_id] = float("-inf")
-    scores[:, config.bos_id] = float("-inf")
+def _mask_tokens(scores: Tensor, at_max: Tensor | None, *, pad_id: int, bos_id: int, eos_id: int) -> Tensor:
+    """In place on float32 [N, V] next-token scores: <pad> and <s> are never generated; rows where
+    `at_max` (bool [N], None = no row) may only produce EOS. Returns `scores`."""
+    scores[:, pad_id] = float("-inf")
+    scores[:, bos_id] = float("-inf")
     if at_max is not None:
-        eos_column = scores[:, config.eos_id].clone()
+        eos_column = scores[:, eos_id].clone()
         scores[at_max] = float("-inf")
-        scores[:, config.eos_id] = eos_column
+        scores[:, eos_id] = eos_column
     return scores
+
+
+def log_prob_step(
+    scores: Tensor, logits: Tensor, at_max: Tensor | None, *, pad_id: int, bos_id: int, eos_id: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One beam step from the decoder's logits: log-softmax, token masks (`_mask_tokens`), then
+    `beam_step`. The reference for any faster step handed to `beam_search(step=...)`.
+
+    Args:
+        scores: cumulative log-probs of the live beams [A, K] (-inf marks an empty beam slot).
+        logits: float32 [A*R, V] next-token logits, R = 1 (the first step: every beam of a
+            sentence continues its one row) or K; overwritten.
+        at_max: bool [A*R], rows that may only produce EOS; None for none.
+    Returns:
+        (candidate scores, beam index, token id), each [A, 2K], best first.
+    """
+    # In place: a fresh [N, V] buffer per step costs page faults.
+    log_probs = _mask_tokens(torch.log_softmax(logits, dim=-1, out=logits), at_max,
+                             pad_id=pad_id, bos_id=bos_id, eos_id=eos_id)
+    active, beam = scores.shape
+    log_probs = log_probs.view(active, -1, log_probs.size(-1)).expand(-1, beam, -1)  # [A, K, V]
+    return beam_step(scores, log_probs)
 
 
 # --- greedy -------------------------------------------------------------------------------------
@@ -171,7 +181,8 @@ def greedy_search(
     step = 0
     while rows.numel():
         at_max = max_lens[rows] <= step if step >= shortest_max_len else None  # [A] or None
-        logits = _next_token_scores(model, last, encoder_out, cache, at_max, log_probs=False)
+        logits = model.decode(last, encoder_out, cache=cache).logits[:, -1].float()  # [A, V]
+        logits = _mask_tokens(logits, at_max, pad_id=config.pad_id, bos_id=config.bos_id, eos_id=config.eos_id)
         next_tokens = logits.argmax(dim=-1)  # [A]: the argmax of the logits is that of the log-probs
         finished = next_tokens == config.eos_id
         for row, token in zip(rows.tolist(), next_tokens.tolist()):
@@ -201,6 +212,7 @@ def beam_search(
     max_len_a: float = 1.0,
     max_len_b: int = 50,
     nbest: int = 1,
+    step=None,
 ) -> list[list[Hypothesis]]:
     """Batched beam search with the KV cache (see the module docstring for the conventions).
 
@@ -211,6 +223,8 @@ def beam_search(
         length_penalty: alpha of the GNMT penalty (0 = rank by raw log-prob).
         max_len_a, max_len_b: max output length = floor(a * source length + b) per row.
         nbest: hypotheses returned per sentence, best first.
+        step: the beam step, `log_prob_step` (None) or a faster function with its signature and
+            result (`aiayn.inference.beam_step_for`).
     Returns:
         B lists of hypotheses sorted by score, descending: `nbest` of them, or fewer where fewer
         exist (a maximum length of 0 leaves only the empty translation).
@@ -230,7 +244,7 @@ def beam_search(
     batch, beam = src_tokens.size(0), beam_size
     device = src_tokens.device
 
-    fused = device.type == "cpu" and fused_beam_step_available()  # see the module docstring
+    beam_step_of = log_prob_step if step is None else step  # logits -> the 2K best candidates
     max_lens = max_output_lengths(model, src_tokens, max_len_a, max_len_b)  # [B]
     # One memory row per sentence, shared by its K beams: the decoder's cross-attention reads a
     # sentence's keys and values once for all its beams (and caches them once).
@@ -246,23 +260,18 @@ def beam_search(
     scores[:, 0] = 0.0
     history = [[config.bos_id] for _ in range(batch)]  # [A*R] rows of BOS + tokens
     last_tokens = torch.full((batch, 1), config.bos_id, dtype=torch.long, device=device)  # [A*R, 1]
-    step = 0
+    position = 0  # of the token each step decodes
     while sentences:
         active = len(sentences)
-        rows_per_sentence = 1 if step == 0 else beam
-        at_max = [max_len_of[s] <= step for s in sentences]
+        rows_per_sentence = 1 if position == 0 else beam
+        at_max = [max_len_of[s] <= position for s in sentences]
         at_max_rows = (  # [A*R] or None
             torch.tensor(at_max, device=device).repeat_interleave(rows_per_sentence) if any(at_max) else None
         )
-        if fused:  # the same arithmetic in one C++ pass over the logits
-            logits = model.decode(last_tokens, encoder_out, cache=cache).logits[:, -1].float()  # [A*R, V]
-            cand_scores, cand_beams, cand_tokens = fused_beam_step(
-                scores, logits, at_max_rows, pad_id=config.pad_id, bos_id=config.bos_id, eos_id=eos
-            )  # [A, C]
-        else:
-            log_probs = _next_token_scores(model, last_tokens, encoder_out, cache, at_max_rows, log_probs=True)
-            log_probs = log_probs.view(active, rows_per_sentence, -1).expand(-1, beam, -1)  # [A, K, V]
-            cand_scores, cand_beams, cand_tokens = beam_step(scores, log_probs)  # [A, C]
+        logits = model.decode(last_tokens, encoder_out, cache=cache).logits[:, -1].float()  # [A*R, V]
+        cand_scores, cand_beams, cand_tokens = beam_step_of(
+            scores, logits, at_max_rows, pad_id=config.pad_id, bos_id=config.bos_id, eos_id=eos
+        )  # [A, C]
 
         # The rest of the step is bookkeeping on 2K candidates per sentence, in Python lists.
         keep: list[int] = []  # surviving sentences [A']
@@ -303,7 +312,7 @@ def beam_search(
         history = [history[row] + [token] for row, token in zip(rows, next_tokens)]
         last_tokens = torch.tensor(next_tokens, device=device).view(-1, 1)
         scores = torch.tensor(next_scores, device=device).view(len(keep), beam)
-        step += 1
+        position += 1
 
     for sentence, hyps in enumerate(finished):
         if not hyps:  # only when every score is NaN / -inf: the maximum length forces EOS otherwise

@@ -8,7 +8,6 @@ Shape legend: L layers, H heads, S source pieces, T target pieces + 1 (BOS / EOS
 
 from __future__ import annotations
 
-import copy
 import sys
 import warnings
 from dataclasses import dataclass
@@ -19,10 +18,8 @@ import torch
 from torch import Tensor
 
 from aiayn import hardware
-from aiayn.allocator import retain_freed_memory
+from aiayn.inference import beam_step_for, check_precision, decoding_timings, prepare
 from aiayn.search import beam_search
-
-PRECISIONS = ("fp32", "bf16", "int8")  # what a model is cast to; "auto" resolves to one of them
 
 
 @dataclass
@@ -39,152 +36,6 @@ class AttentionResult:
     translation: str
 
 
-def _check_precision(precision: str, device: str | torch.device) -> torch.device:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    device = torch.device(device)
-    if precision == "int8" and device.type != "cpu":
-        raise ValueError(f"precision int8 runs on the CPU only, got device {device}")
-    return device
-
-
-def decoding_timings(model, device: str | torch.device, precisions=("fp32", "bf16"), *, rows: int = 32,
-                     source_len: int = 16, steps: int = 8) -> dict[str, float]:
-    """Seconds per precision for an encoder pass and `steps` cached decoder steps of `rows`
-    sentences, each on its own inference copy of `model` (left untouched): what
-    `--precision auto` weighs. Random source tokens; the work does not depend on their values."""
-    device = torch.device(device)
-    generator = torch.Generator().manual_seed(0)
-    src_tokens = torch.randint(4, model.config.vocab_size, (rows, source_len), generator=generator).to(device)
-    tokens = torch.full((rows, 1), model.config.bos_id, dtype=torch.long, device=device)  # [B, 1]
-
-    def run(candidate) -> None:
-        with torch.inference_mode():
-            encoder_out = candidate.encode(src_tokens)
-            cache = candidate.new_cache()
-            for _ in range(steps):
-                candidate.decode(tokens, encoder_out, cache=cache)
-
-    runs = {}
-    for precision in precisions:
-        candidate = cast_for_inference(copy.deepcopy(model).eval(), precision, device)
-        runs[precision] = lambda candidate=candidate: run(candidate)
-        runs[precision]()  # warm-up: first-call allocations and kernel selection
-    return hardware.time_each(runs)
-
-
-def cast_for_inference(model, precision: str, device: str | torch.device = "cpu", *, compile: bool = False):
-    """The model in `precision` on `device`, converted in place and returned.
-
-    fp32: as trained. bf16 casts every weight once (faster than torch.autocast, which re-casts the
-    weights at every call); the positional table stays float32 (sin / cos of far positions would
-    lose digits), and the search computes log-softmax and scores in float32. int8 (CPU only): every
-    linear layer in int8 arithmetic with per-row scales (`aiayn.quantize`), the rest float32.
-    On the CPU, fp32 and bf16 linear layers are pre-packed for oneDNN (`aiayn.prepack`: the same
-    arithmetic, 1.1-2.6x faster matrix products at decoding sizes). The model serves inference
-    only afterwards.
-
-    compile=True runs the encoder and the decoder step through `torch.compile` (`compile_model`)
-    instead of pre-packing: the first calls take seconds to minutes while kernels are generated.
-    On the CPU this also calls `aiayn.allocator.retain_freed_memory` (no page faults between steps).
-    Raises:
-        ValueError: unknown precision, or int8 on a device other than the CPU.
-    """
-    device = _check_precision(precision, device)
-    if device.type == "cpu":
-        retain_freed_memory()
-    if precision == "int8":
-        from aiayn.quantize import quantize_int8
-
-        model = quantize_int8(model.float().cpu())
-    else:
-        if precision == "bf16":
-            model.to(torch.bfloat16)
-            model.positions.float()
-        model = model.to(device)
-    if compile and device.type == "cpu" and hardware.detect().cpp_compiler is None:
-        warnings.warn("--compile needs a C++ compiler on the CPU (g++ or clang++, or set CXX); none was found, "
-                      "so the model runs eagerly", RuntimeWarning, stacklevel=2)
-        compile = False
-    if compile:
-        return compile_model(model, freeze=precision != "int8")
-    if device.type == "cpu" and precision != "int8":
-        from aiayn import prepack
-
-        # oneDNN packs bf16 weights only where its bf16 kernels run (it raises elsewhere).
-        if prepack.available() and (precision == "fp32" or hardware.detect().onednn_bf16):
-            prepack.pack_linear_layers(model)
-    return model
-
-
-# Float models compiled on the CPU autotune their linear layers (see `compile_model`). The tests
-# turn it off: it multiplies compile time, and the kernels it picks are inductor's own.
-CPU_AUTOTUNE = True
-
-
-def compile_model(model, *, freeze: bool):
-    """Route `model.encode` and `model.decode` through `torch.compile`, in place; returns the model.
-
-    Inductor fuses what eager mode runs as separate small ops (int8 quantise / rescale, residual
-    adds, LayerNorm, softmax) and calls a decoder step as one graph, so the per-op overhead of
-    incremental decoding mostly goes. Shapes are dynamic (batch, cache and source lengths change
-    at every step).
-
-    freeze: treat the weights as constants (inductor then pre-packs float linear layers for
-    oneDNN itself). For float models only: with int8 layers (`aiayn.quantize`) freezing makes
-    this PyTorch's compiled step produce no usable scores, so it raises ValueError.
-
-    Float models on the CPU also compile with `max_autotune` (`CPU_AUTOTUNE`): each linear layer's
-    shape is timed with inductor's C++ GEMM template against ATen's kernel, and the faster one is
-    kept. That adds a few minutes to the first calls. At a few rows per step the template streams
-    the weights far faster than MKL's matrix-vector product, with AVX-512 and with AVX2 kernels
-    alike (benchmarks/RESULTS.md). Int8 layers call `torch._int_mm` directly: nothing to tune.
-
-    Dynamo traces without duck shaping: by default it gives dimensions that happen to be equal
-    the same symbol. At beam 4 and one sentence, the decoder's 4 rows then share the symbol of the
-    4 heads, and the step is specialised to 4 rows; a float32 linear layer of fixed row count
-    goes to MKL's packed sgemm, which at 4 rows is about 2x slower than oneDNN (fp32, beam 4,
-    batch 1, same process: 243 -> 333 tokens/s; int8 and bf16 unchanged).
-    """
-    from aiayn.quantize import Int8Linear
-
-    if freeze and any(isinstance(module, Int8Linear) for module in model.modules()):
-        raise ValueError("compile_model: freeze=True with int8 layers gives unusable scores in this PyTorch; "
-                         "compile int8 models with freeze=False")
-    # Dynamo keeps at most `recompile_limit` graphs per code object, shared by every compiled
-    # model (all run Transformer.decode), then falls back to eager. One model needs about 8 (first
-    # step / cache length 1 / longer; one row / more rows; with / without weights).
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    autotune = CPU_AUTOTUNE and freeze and next(model.parameters()).device.type == "cpu"
-    options = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"} if autotune else None
-    for name in ("encode", "decode"):
-        compiled = torch.compile(getattr(model, name), dynamic=True, options=options)
-        setattr(model, name, _traced_with_settings(compiled, freeze=freeze))
-    return model
-
-
-def _traced_with_settings(compiled, *, freeze: bool):
-    """`compiled`, called with duck shaping off (and inductor freezing on, if `freeze`)."""
-    import torch._inductor.config as inductor
-    import torch.fx.experimental._config as shapes
-
-    def call(*args, **kwargs):
-        # Both are read while dynamo traces and inductor compiles: at the first calls and at
-        # recompiles, which can come at any call. `torch.compile(options=...)` leaves the linear
-        # layers unpacked in this PyTorch; setting the config freezes them. Set and restored by
-        # hand: `config.patch` costs 16 us per decoder step, this 4 us per setting.
-        saved_freezing, saved_duck = inductor.freezing, shapes.use_duck_shape
-        if freeze:
-            inductor.freezing = True
-        shapes.use_duck_shape = False
-        try:
-            return compiled(*args, **kwargs)
-        finally:
-            inductor.freezing, shapes.use_duck_shape = saved_freezing, saved_duck
-
-    return call
-
-
 class Translator:
     """A model and its tokenizer, ready to translate lists of sentences.
 
@@ -196,11 +47,11 @@ class Translator:
         precision: "fp32"; "bf16": the weights are cast to bfloat16; the positional table,
             log-softmax and scores stay float32 (casting once is faster than torch.autocast,
             which re-casts the weights on every call).
-            "int8" (CPU only): linear layers in int8 arithmetic (see `cast_for_inference`).
+            "int8" (CPU only): linear layers in int8 arithmetic (see `aiayn.inference.prepare`).
             "auto": bf16 where it is native on `device` and measured faster on this model
             (`decoding_timings`), else fp32 (`aiayn.hardware.choose_precision`). What it resolved
             to, and why, is `precision_choice`; an explicit bf16 where it is not native warns.
-        compile: run the encoder and decoder step through `torch.compile` (`compile_model`); the first
+        compile: run the encoder and decoder step through `torch.compile` (`aiayn.inference.compile`); the first
             translations are slow while it compiles.
         info: the model directory's info dict (e.g. "src_lang", "tgt_lang").
     Raises:
@@ -208,7 +59,7 @@ class Translator:
     """
 
     def __init__(self, model, tokenizer, *, device: str | torch.device = "cpu", precision: str = "fp32",
-                 compile: bool = False, info: dict[str, Any] | None = None, _owned: bool = False) -> None:
+                 compile: bool = False, info: dict[str, Any] | None = None) -> None:
         self.device = torch.device(device)
         self.num_parameters = sum(p.numel() for p in model.parameters())  # before packing / int8
         self.precision_choice = hardware.choose_precision(
@@ -216,10 +67,8 @@ class Translator:
         if self.precision_choice.warning:
             warnings.warn(self.precision_choice.message, RuntimeWarning, stacklevel=2)
         self.precision = self.precision_choice.precision
-        # The conversion replaces layers and casts weights in place: on a copy, so that the
-        # caller's model stays as it was (same modules, trainable, a complete state dict).
-        model = model if _owned else copy.deepcopy(model)
-        self.model = cast_for_inference(model.eval(), self.precision, self.device, compile=compile)
+        self.model = prepare(model, precision=self.precision, device=self.device, compile=compile)  # a copy
+        self.step = beam_step_for(self.device)  # for beam_search(step=...); None: the search's own
         self.tokenizer = tokenizer
         self.info = dict(info or {})
 
@@ -236,9 +85,9 @@ class Translator:
         from aiayn.train import load_model
 
         if precision != "auto":  # before loading: no model moved to a device it cannot use
-            _check_precision(precision, device)
+            check_precision(precision, device)
         model, tokenizer, info = load_model(model_dir, device)
-        return cls(model, tokenizer, device=device, precision=precision, compile=compile, info=info, _owned=True)
+        return cls(model, tokenizer, device=device, precision=precision, compile=compile, info=info)
 
     @property
     def max_source_len(self) -> int:
@@ -312,7 +161,7 @@ class Translator:
             with torch.inference_mode():
                 hypotheses = beam_search(
                     self.model, src_tokens.to(self.device), beam_size=beam_size, length_penalty=length_penalty,
-                    max_len_a=max_len_a, max_len_b=max_len_b, nbest=nbest,
+                    max_len_a=max_len_a, max_len_b=max_len_b, nbest=nbest, step=self.step,
                 )
             for i, hyps in zip(batch, hypotheses):
                 texts = self.tokenizer.decode_batch([h.tokens for h in hyps])
@@ -344,7 +193,8 @@ class Translator:
         src_tokens = torch.tensor([src_ids], dtype=torch.long, device=self.device)  # [1, S]
         with torch.inference_mode():
             if target is None:
-                tgt_ids = beam_search(self.model, src_tokens, beam_size=4, length_penalty=0.6)[0][0].tokens
+                best = beam_search(self.model, src_tokens, beam_size=4, length_penalty=0.6, step=self.step)[0][0]
+                tgt_ids = best.tokens
             else:
                 tgt_ids = self.tokenizer.encode(target)[: config.max_positions - 1]
             encoder_out = self.model.encode(src_tokens, need_weights=True)
@@ -365,4 +215,4 @@ class Translator:
         )
 
 
-__all__ = ["PRECISIONS", "AttentionResult", "Translator", "cast_for_inference", "compile_model"]
+__all__ = ["AttentionResult", "Translator"]

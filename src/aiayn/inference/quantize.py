@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from aiayn.prepack import replace_linear_layers
+from aiayn.inference.layers import replace_linear_layers
 
 
 def _symmetric_int8(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,99 @@
+"""aiayn.inference: prepare() makes a new model and leaves the caller's alone; the fast pieces it
+hands to the paper code (attention, beam step) give what the paper code gives."""
+
+import pytest
+import torch
+
+from aiayn import ModelConfig, Transformer
+from aiayn.attention import MultiHeadAttention, padding_mask, reference_attention, scaled_dot_product_attention
+from aiayn.inference import beam_step_for, fused_beam_step, prepare
+from aiayn.inference.attention import cpu_attention, summed_attention
+from aiayn.search import beam_search, log_prob_step
+
+PAD = 0
+
+
+def tiny_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig.preset("tiny", vocab_size=40, max_positions=64, share_embeddings=False)).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_summed_attention_equals_reference(dtype):
+    # Rows of 4 queries (a sentence's beams) against padded keys, as in compiled beam search.
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(3, 2, n, 8).to(dtype) for n in (4, 6, 6))
+    tokens = torch.randint(4, 20, (3, 6))
+    tokens[1, -2:] = PAD
+    tokens[2, 1:] = PAD
+    mask = padding_mask(tokens, PAD)
+    ref_out, _ = reference_attention(q.double(), k.double(), v.double(), mask)
+    out = summed_attention(q, k, v, mask)
+    assert out.dtype == dtype and out.shape == (3, 2, 4, 8)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (out.double() - ref_out).abs().max().item() < tolerance
+    # A key behind the mask changes nothing; the last row attends to its one real key alone.
+    k2 = k.clone()
+    k2[1, :, -1] = 100.0
+    assert torch.equal(summed_attention(q, k2, v, mask), out)
+    assert torch.allclose(out[2].float(), v[2, :, :1].float().expand(-1, 4, -1))
+
+
+@pytest.mark.parametrize("queries, incremental", [(1, True), (4, True), (5, False)])
+def test_cpu_attention_equals_the_models_attention(queries, incremental):
+    torch.manual_seed(4)
+    q, k, v = torch.randn(2, 2, queries, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    mask = padding_mask(torch.tensor([[5, 6, 7, 8, 9, 10], [5, 6, 7, PAD, PAD, PAD]]), PAD)
+    ours, none = cpu_attention(q, k, v, mask, incremental=incremental)
+    theirs, _ = scaled_dot_product_attention(q, k, v, mask, incremental=incremental)
+    assert none is None
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    weights_ours = cpu_attention(q, k, v, mask, need_weights=True)[1]
+    torch.testing.assert_close(weights_ours, reference_attention(q, k, v, mask)[1])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_prepare_returns_a_new_model_and_leaves_the_callers_alone(precision):
+    model = tiny_model().train()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    kinds = [type(module) for module in model.modules()]
+    prepared = prepare(model, precision=precision, device="cpu")
+    assert prepared is not model and not prepared.training
+    assert model.training and [type(module) for module in model.modules()] == kinds
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+    attends = {module.attend for module in model.modules() if isinstance(module, MultiHeadAttention)}
+    assert attends == {scaled_dot_product_attention}  # the paper's function stays the model's
+    prepared_attends = {m.attend for m in prepared.modules() if isinstance(m, MultiHeadAttention)}
+    assert prepared_attends == {cpu_attention}
+
+
+def test_prepared_model_with_the_fast_step_translates_as_the_plain_model():
+    model = tiny_model(seed=1)
+    with torch.no_grad():
+        model.output_projection.weight.mul_(2.0)
+    src = torch.randint(4, 40, (3, 7), generator=torch.Generator().manual_seed(5))
+    src[1, -2:] = PAD
+    prepared = prepare(model, precision="fp32", device="cpu")
+    step = beam_step_for("cpu")
+    assert step is (fused_beam_step.fused_beam_step if fused_beam_step.available() else None)
+    with torch.inference_mode():
+        plain = beam_search(model, src, beam_size=3, nbest=3, max_len_b=8)
+        fast = beam_search(prepared, src, beam_size=3, nbest=3, max_len_b=8, step=step)
+    assert [[h.tokens for h in hyps] for hyps in fast] == [[h.tokens for h in hyps] for hyps in plain]
+    for ours, theirs in zip(fast, plain):
+        torch.testing.assert_close([h.score for h in ours], [h.score for h in theirs], rtol=1e-4, atol=1e-4)
+    assert beam_step_for("cuda") is None and log_prob_step is not None
+
+
+def test_paper_modules_import_nothing_from_the_inference_package():
+    import ast
+    from pathlib import Path
+
+    import aiayn
+
+    package = Path(aiayn.__file__).parent
+    for name in ("model.py", "attention.py", "search.py", "config.py", "train.py"):
+        tree = ast.parse((package / name).read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert not any(module.startswith("aiayn.inference") for module in imported), name
