@@ -17,7 +17,8 @@ httpx = pytest.importorskip("httpx", reason="the server tests need httpx")
 from aiayn.config import ModelConfig
 from aiayn.data import read_parallel
 from aiayn.model import Transformer
-from aiayn.server import BatchingWorker, DecodeSettings, ServerLimits, background_server, create_app
+from aiayn.config import DecodeConfig
+from aiayn.server import BatchingWorker, ServerLimits, background_server, create_app
 from aiayn.tokenizer import Tokenizer
 from aiayn.train import save_model
 from conftest import MULTI30K
@@ -359,14 +360,14 @@ class _RecordingTranslator:
         self.calls: list[tuple[list[str], int, int, float]] = []
         self.delay = delay
 
-    def translate(self, sentences, *, beam_size, nbest, length_penalty, return_scores):
+    def translate(self, sentences, decode, *, return_scores):
         assert return_scores
         time.sleep(self.delay)
-        self.calls.append((list(sentences), beam_size, nbest, length_penalty))
-        return [[(f"{s}/{beam_size}/{k}", -float(k)) for k in range(nbest)] for s in sentences]
+        self.calls.append((list(sentences), decode.beam_size, decode.nbest, decode.length_penalty))
+        return [[(f"{s}/{decode.beam_size}/{k}", -float(k)) for k in range(decode.nbest)] for s in sentences]
 
 
-def _submit_all(worker: BatchingWorker, jobs: list[tuple[list[str], DecodeSettings]]) -> list:
+def _submit_all(worker: BatchingWorker, jobs: list[tuple[list[str], DecodeConfig]]) -> list:
     """Submit while the worker is blocked on a first slow call, so all jobs are queued together."""
     gate = threading.Event()
     worker.start()
@@ -382,7 +383,7 @@ def _submit_all(worker: BatchingWorker, jobs: list[tuple[list[str], DecodeSettin
 def test_worker_groups_by_settings_and_never_splits_a_request() -> None:
     translator = _RecordingTranslator()
     worker = BatchingWorker(translator, max_batch_sentences=4, max_wait_ms=50)
-    beam4, beam1 = DecodeSettings(4, 1, 0.6), DecodeSettings(1, 1, 0.6)
+    beam4, beam1 = DecodeConfig(beam_size=4), DecodeConfig(beam_size=1)
     jobs = [
         (["a", "b"], beam4),
         (["c"], beam1),
@@ -417,7 +418,7 @@ def test_worker_groups_by_settings_and_never_splits_a_request() -> None:
 def test_worker_without_batching_runs_one_call_per_request() -> None:
     translator = _RecordingTranslator()
     worker = BatchingWorker(translator, max_batch_sentences=32, max_wait_ms=50, batching=False)
-    settings = DecodeSettings(2, 2, 0.6)
+    settings = DecodeConfig(beam_size=2, nbest=2)
     results = _submit_all(worker, [([s], settings) for s in "abc"])
     assert results == [[[(f"{s}/2/0", 0.0), (f"{s}/2/1", -1.0)]] for s in "abc"]
     assert [sentences for sentences, *_ in translator.calls] == [["a"], ["b"], ["c"]]

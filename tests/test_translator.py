@@ -400,3 +400,18 @@ def test_compiling_an_int8_model_with_frozen_weights_raises():
     model = quantize_int8(Transformer(ModelConfig.preset("tiny")).eval())
     with pytest.raises(ValueError, match="freeze=True with int8 layers gives unusable scores"):
         compile_module.compile_model(model, freeze=True)
+
+
+def test_one_decode_config_from_the_cli_through_the_translator(translator):
+    from aiayn.cli import _decode_config, build_parser
+    from aiayn.config import DecodeConfig
+
+    args = build_parser().parse_args(["translate", "--model", "m"])
+    assert _decode_config(args, nbest=args.nbest) == DecodeConfig()  # the CLI's defaults are DecodeConfig's
+    decode = DecodeConfig(beam_size=2, max_len_b=8)
+    assert translator.translate(SENTENCES, decode) == translator.translate(SENTENCES, beam_size=2, max_len_b=8)
+    # A keyword replaces that field of the config given; validation is DecodeConfig's.
+    assert translator.translate(SENTENCES[:1], decode, beam_size=1) == translator.translate(
+        SENTENCES[:1], beam_size=1, max_len_b=8)
+    with pytest.raises(ValueError, match=r"nbest must be in \[1, beam_size\], got 3"):
+        translator.translate(SENTENCES, decode, nbest=3)

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Sequence
 
 from aiayn import __version__
+from aiayn.config import DecodeConfig
 
 # --- train -----------------------------------------------------------------------------------
 
@@ -192,10 +193,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch-sentences", type=int, default=32,
-                   help="most sentences merged into one model call (default 32)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0,
-                   help="how long the worker waits for more requests to merge (default 5)")
+    from aiayn.server import MAX_BATCH_SENTENCES, MAX_WAIT_MS  # light: FastAPI is imported when serving
+
+    p.add_argument("--max-batch-sentences", type=int, default=MAX_BATCH_SENTENCES,
+                   help=f"most sentences merged into one model call (default {MAX_BATCH_SENTENCES})")
+    p.add_argument("--max-wait-ms", type=float, default=MAX_WAIT_MS,
+                   help=f"how long the worker waits for more requests to merge (default {MAX_WAIT_MS:g})")
     p.add_argument("--no-batching", action="store_true", help="one model call per request (baseline)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     _add_precision_options(p)
@@ -217,10 +220,12 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _add_decode_options(p: argparse.ArgumentParser, *, model_required: bool = True) -> None:
     p.add_argument("--model", required=model_required,
                    help="model directory (from `aiayn train` or `aiayn average`)")
-    p.add_argument("--beam", type=int, default=4, help="beam size (paper: 4; 1 = greedy)")
-    p.add_argument("--length-penalty", type=float, default=0.6, help="GNMT alpha (paper: 0.6)")
-    p.add_argument("--max-len-a", type=float, default=1.0, help="max output length = a * source length + b")
-    p.add_argument("--max-len-b", type=int, default=50)
+    defaults = DecodeConfig()
+    p.add_argument("--beam", type=int, default=defaults.beam_size, help="beam size (paper: 4; 1 = greedy)")
+    p.add_argument("--length-penalty", type=float, default=defaults.length_penalty, help="GNMT alpha (paper: 0.6)")
+    p.add_argument("--max-len-a", type=float, default=defaults.max_len_a,
+                   help="max output length = a * source length + b")
+    p.add_argument("--max-len-b", type=int, default=defaults.max_len_b)
     p.add_argument("--batch-tokens", type=int, default=4096, help="padded source pieces per batch")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     _add_precision_options(p)
@@ -234,6 +239,12 @@ def _add_precision_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="run the encoder and decoder step through torch.compile: the fastest decoding at "
                         "every precision, after a one-time compilation of about a minute (int8) to a few (fp32, bf16)")
+
+
+def _decode_config(args: argparse.Namespace, nbest: int = DecodeConfig.nbest) -> DecodeConfig:
+    """The search settings of the decode options (checked by DecodeConfig: one validation)."""
+    return DecodeConfig(beam_size=args.beam, length_penalty=args.length_penalty, max_len_a=args.max_len_a,
+                        max_len_b=args.max_len_b, nbest=nbest)
 
 
 def _load_translator(args: argparse.Namespace):
@@ -268,7 +279,7 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
                        description="Translate line by line (stdin to stdout by default); an empty "
                                    "line gives an empty line.")
     _add_decode_options(p)
-    p.add_argument("--nbest", type=int, default=1,
+    p.add_argument("--nbest", type=int, default=DecodeConfig.nbest,
                    help="print K lines 'i ||| translation ||| score' per input line (i from 0)")
     p.add_argument("--input", help="source file, plain or .gz (default: stdin)")
     p.add_argument("--output", help="output file (default: stdout)")
@@ -280,8 +291,7 @@ def _run_translate(args: argparse.Namespace) -> int:
     translator = _load_translator(args)
     lines = _read_input_lines(args.input)
     results = translator.translate(
-        lines, beam_size=args.beam, length_penalty=args.length_penalty, max_len_a=args.max_len_a,
-        max_len_b=args.max_len_b, batch_tokens=args.batch_tokens, nbest=args.nbest,
+        lines, _decode_config(args, nbest=args.nbest), batch_tokens=args.batch_tokens,
         return_scores=args.nbest > 1, progress=args.input not in (None, "-"),
     )
     if args.nbest > 1:
@@ -329,8 +339,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.src} has {len(sources)} lines but {args.ref} has {len(references)}")
         translator = _load_translator(args)
         hypotheses = translator.translate(
-            sources, beam_size=args.beam, length_penalty=args.length_penalty, max_len_a=args.max_len_a,
-            max_len_b=args.max_len_b, batch_tokens=args.batch_tokens, progress=True,
+            sources, _decode_config(args), batch_tokens=args.batch_tokens, progress=True,
         )
         if args.save_hyp:
             with open(args.save_hyp, "w", encoding="utf-8") as handle:

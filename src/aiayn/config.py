@@ -134,8 +134,12 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 
 
 @dataclass(frozen=True)
-class DecodeConfig:
-    """Inference settings (paper section 6.1): beam 4, length penalty 0.6, max length = S + 50."""
+class DecodeConfig(_DictConfig):
+    """Inference settings (paper section 6.1): beam 4, length penalty 0.6, max length = S + 50.
+
+    The one place these defaults live: the CLI, `Translator.translate` and the server's requests
+    start from `DecodeConfig()`. Frozen and hashable, so the server groups requests by it.
+    """
 
     beam_size: int = 4
     length_penalty: float = 0.6
@@ -148,6 +152,10 @@ class DecodeConfig:
         _check(self.length_penalty >= 0, f"length_penalty must be >= 0, got {self.length_penalty}")
         _check(1 <= self.nbest <= self.beam_size, f"nbest must be in [1, beam_size], got {self.nbest}")
         _check(self.max_len_b >= 0 and self.max_len_a >= 0, "max_len_a and max_len_b must be >= 0")
+
+    def search_arguments(self) -> dict[str, Any]:
+        """The keyword arguments of `aiayn.search.beam_search` (its names are these fields)."""
+        return self.to_dict()
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aiayn.config import DecodeConfig
+
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_BEAM_SIZE = 16
 
@@ -65,17 +67,15 @@ class ServerLimits:
 # --- micro-batching worker -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DecodeSettings:
-    beam_size: int
-    nbest: int
-    length_penalty: float
+# Micro-batching defaults, shared by `BatchingWorker`, `create_app`, `serve` and `aiayn serve`.
+MAX_BATCH_SENTENCES = 32
+MAX_WAIT_MS = 5.0
 
 
 @dataclass
 class _TranslateJob:
     sentences: list[str]
-    settings: DecodeSettings
+    settings: DecodeConfig
     future: Future = field(default_factory=Future)
 
 
@@ -101,8 +101,8 @@ class BatchingWorker:
         self,
         translator: Any,
         *,
-        max_batch_sentences: int = 32,
-        max_wait_ms: float = 5.0,
+        max_batch_sentences: int = MAX_BATCH_SENTENCES,
+        max_wait_ms: float = MAX_WAIT_MS,
         batching: bool = True,
     ) -> None:
         if max_batch_sentences < 1:
@@ -136,7 +136,7 @@ class BatchingWorker:
         with self._lock:
             return dict(self.stats)
 
-    def submit_translate(self, sentences: list[str], settings: DecodeSettings) -> Future:
+    def submit_translate(self, sentences: list[str], settings: DecodeConfig) -> Future:
         job = _TranslateJob(list(sentences), settings)
         with self._lock:
             self.stats["requests"] += 1
@@ -192,23 +192,17 @@ class BatchingWorker:
                 except Exception as error:  # noqa: BLE001 - reported to the request as a 500
                     job.future.set_exception(error)
                 continue
-            groups: dict[DecodeSettings, list[_TranslateJob]] = {}
+            groups: dict[DecodeConfig, list[_TranslateJob]] = {}
             for member in self._collect(job):
                 groups.setdefault(member.settings, []).append(member)
             for settings, members in groups.items():
                 self._translate_group(settings, members)
 
-    def _translate_group(self, settings: DecodeSettings, jobs: list[_TranslateJob]) -> None:
+    def _translate_group(self, settings: DecodeConfig, jobs: list[_TranslateJob]) -> None:
         sentences = [sentence for job in jobs for sentence in job.sentences]
 
         def call() -> list[list[tuple[str, float]]]:
-            return self.translator.translate(
-                sentences,
-                beam_size=settings.beam_size,
-                nbest=settings.nbest,
-                length_penalty=settings.length_penalty,
-                return_scores=True,
-            )
+            return self.translator.translate(sentences, settings, return_scores=True)
 
         try:
             results = self._run(call)
@@ -291,8 +285,8 @@ def _rounded(weights: Any, decimals: int = 4) -> list:
 def create_app(
     translator: Any,
     *,
-    max_batch_sentences: int = 32,
-    max_wait_ms: float = 5.0,
+    max_batch_sentences: int = MAX_BATCH_SENTENCES,
+    max_wait_ms: float = MAX_WAIT_MS,
     batching: bool = True,
     limits: ServerLimits | None = None,
 ) -> Any:
@@ -321,9 +315,10 @@ def create_app(
         model_config = ConfigDict(extra="forbid")
         text: str | None = Field(None, description="one sentence (give this or `texts`)")
         texts: list[str] | None = Field(None, description="several sentences (give this or `text`)")
-        beam_size: int = Field(4, ge=1, le=MAX_BEAM_SIZE, description="1 = greedy search")
-        nbest: int = Field(1, ge=1, description="hypotheses per sentence, at most beam_size")
-        length_penalty: float = Field(0.6, ge=0.0, le=10.0, description="alpha of Wu et al. (2016)")
+        beam_size: int = Field(DecodeConfig.beam_size, ge=1, le=MAX_BEAM_SIZE, description="1 = greedy search")
+        nbest: int = Field(DecodeConfig.nbest, ge=1, description="hypotheses per sentence, at most beam_size")
+        length_penalty: float = Field(DecodeConfig.length_penalty, ge=0.0, le=10.0,
+                                      description="alpha of Wu et al. (2016)")
 
         @model_validator(mode="after")
         def _check(self) -> "TranslateRequest":
@@ -404,7 +399,8 @@ def create_app(
                 422, f"{len(texts)} texts in one request; the limit is {limits.max_texts}"
             )
         check_lengths(texts, limits.max_chars)
-        settings = DecodeSettings(request.beam_size, request.nbest, request.length_penalty)
+        settings = DecodeConfig(beam_size=request.beam_size, nbest=request.nbest,
+                                length_penalty=request.length_penalty)
         results = await wait(worker.submit_translate(texts, settings), "translation")
         response: dict[str, Any] = {"translations": [hypotheses[0][0] for hypotheses in results]}
         if request.nbest > 1:
@@ -520,8 +516,8 @@ def serve(
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
-    max_batch_sentences: int = 32,
-    max_wait_ms: float = 5.0,
+    max_batch_sentences: int = MAX_BATCH_SENTENCES,
+    max_wait_ms: float = MAX_WAIT_MS,
     batching: bool = True,
     device: str = "cpu",
     precision: str = "auto",
@@ -550,7 +546,8 @@ def serve(
 
 __all__ = [
     "BatchingWorker",
-    "DecodeSettings",
+    "MAX_BATCH_SENTENCES",
+    "MAX_WAIT_MS",
     "ServerLimits",
     "background_server",
     "create_app",

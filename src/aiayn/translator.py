@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from aiayn import hardware
+from aiayn.config import DecodeConfig
 from aiayn.inference import beam_step_for, check_precision, decoding_timings, prepare
 from aiayn.search import beam_search
 
@@ -108,18 +109,21 @@ class Translator:
     def translate(
         self,
         sentences: list[str],
+        decode: DecodeConfig | None = None,
         *,
-        beam_size: int = 4,
-        length_penalty: float = 0.6,
-        max_len_a: float = 1.0,
-        max_len_b: int = 50,
+        beam_size: int | None = None,
+        length_penalty: float | None = None,
+        max_len_a: float | None = None,
+        max_len_b: int | None = None,
+        nbest: int | None = None,
         batch_tokens: int = 4096,
-        nbest: int = 1,
         return_scores: bool = False,
         progress: bool = False,
     ) -> list[str] | list[list[tuple[str, float]]]:
         """Translate `sentences`; output i belongs to input i.
 
+        The search settings are `decode` (default `DecodeConfig()`: the paper's beam 4, length
+        penalty 0.6, max length S + 50), with any field given by keyword replaced.
         Sentences are sorted by length and grouped into batches of at most `batch_tokens` padded
         source pieces (at least one sentence each), then put back in input order. An empty or
         whitespace-only line gives "" (score 0.0). A source longer than max_positions pieces is
@@ -129,14 +133,15 @@ class Translator:
         Returns:
             list[str] (best translations), or with nbest > 1 or return_scores, for each input a
             list of (translation, length-normalised log-prob score), best first (one ("", 0.0)
-            entry for an empty line).
+            entry for an empty line; fewer than nbest where fewer hypotheses exist).
         Raises:
-            ValueError: bad beam_size / nbest / length_penalty / batch_tokens.
+            ValueError: bad beam_size / nbest / length_penalty / max_len_* (`DecodeConfig`) or batch_tokens.
         """
+        overrides = {"beam_size": beam_size, "length_penalty": length_penalty, "max_len_a": max_len_a,
+                     "max_len_b": max_len_b, "nbest": nbest}
+        decode = (decode or DecodeConfig()).replace(**{k: v for k, v in overrides.items() if v is not None})
         if batch_tokens < 1:
             raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
-        if not 1 <= nbest <= beam_size:
-            raise ValueError(f"nbest must be in [1, beam_size={beam_size}], got {nbest}")
         pad_id = self.model.config.pad_id
         nonempty = [i for i, s in enumerate(sentences) if s.strip()]
         encoded = self.tokenizer.encode_batch([sentences[i] for i in nonempty]) if nonempty else []
@@ -159,10 +164,8 @@ class Translator:
             for row, i in enumerate(batch):
                 src_tokens[row, : len(sources[i])] = torch.tensor(sources[i], dtype=torch.long)
             with torch.inference_mode():
-                hypotheses = beam_search(
-                    self.model, src_tokens.to(self.device), beam_size=beam_size, length_penalty=length_penalty,
-                    max_len_a=max_len_a, max_len_b=max_len_b, nbest=nbest, step=self.step,
-                )
+                hypotheses = beam_search(self.model, src_tokens.to(self.device), **decode.search_arguments(),
+                                         step=self.step)
             for i, hyps in zip(batch, hypotheses):
                 texts = self.tokenizer.decode_batch([h.tokens for h in hyps])
                 results[i] = [(text, h.score) for text, h in zip(texts, hyps)]
@@ -171,14 +174,14 @@ class Translator:
             start += size
         if progress_bar is not None:
             progress_bar.close()
-        if nbest > 1 or return_scores:
+        if decode.nbest > 1 or return_scores:
             return results
         return [entries[0][0] for entries in results]
 
     def attention(self, source: str, target: str | None = None) -> AttentionResult:
         """Every attention map of one sentence pair, from the reference attention (need_weights).
 
-        With target=None the source is first translated (beam 4, length penalty 0.6) and the
+        With target=None the source is first translated (`DecodeConfig()`: beam 4, length penalty 0.6) and the
         weights are those of the model's own output. Teacher forcing: one decoder pass over
         "<s>" + target, so row t of decoder / cross attention is the query that predicts
         target_tokens[t].
@@ -193,7 +196,7 @@ class Translator:
         src_tokens = torch.tensor([src_ids], dtype=torch.long, device=self.device)  # [1, S]
         with torch.inference_mode():
             if target is None:
-                best = beam_search(self.model, src_tokens, beam_size=4, length_penalty=0.6, step=self.step)[0][0]
+                best = beam_search(self.model, src_tokens, **DecodeConfig().search_arguments(), step=self.step)[0][0]
                 tgt_ids = best.tokens
             else:
                 tgt_ids = self.tokenizer.encode(target)[: config.max_positions - 1]
