@@ -8,6 +8,7 @@ from aiayn import ModelConfig, Transformer
 from aiayn.attention import MultiHeadAttention, padding_mask, reference_attention, scaled_dot_product_attention
 from aiayn.inference import beam_step_for, fused_beam_step, prepare
 from aiayn.inference.attention import cpu_attention, summed_attention
+from aiayn.inference.beam_step import block_beam_step
 from aiayn.search import beam_search, log_prob_step
 
 PAD = 0
@@ -75,14 +76,16 @@ def test_prepared_model_with_the_fast_step_translates_as_the_plain_model():
     src[1, -2:] = PAD
     prepared = prepare(model, precision="fp32", device="cpu")
     step = beam_step_for("cpu")
-    assert step is (fused_beam_step.fused_beam_step if fused_beam_step.available() else None)
+    if fused_beam_step.available():
+        assert step is fused_beam_step.fused_beam_step
     with torch.inference_mode():
         plain = beam_search(model, src, beam_size=3, nbest=3, max_len_b=8)
         fast = beam_search(prepared, src, beam_size=3, nbest=3, max_len_b=8, step=step)
     assert [[h.tokens for h in hyps] for hyps in fast] == [[h.tokens for h in hyps] for hyps in plain]
     for ours, theirs in zip(fast, plain):
         torch.testing.assert_close([h.score for h in ours], [h.score for h in theirs], rtol=1e-4, atol=1e-4)
-    assert beam_step_for("cuda") is None and log_prob_step is not None
+    on_gpu = beam_step_for("cuda")  # log_prob_step selecting by block maxima
+    assert on_gpu.func is log_prob_step and on_gpu.keywords == {"select": block_beam_step}
 
 
 def test_paper_modules_import_nothing_from_the_inference_package():

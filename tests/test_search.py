@@ -1,5 +1,6 @@
 """Greedy and beam search against numbers: cached == uncached, batch == single, scripted tables."""
 
+import functools
 import math
 from types import SimpleNamespace
 
@@ -9,6 +10,7 @@ import torch
 import aiayn.search
 from aiayn import ModelConfig, Transformer
 from aiayn.inference import fused_beam_step
+from aiayn.inference.beam_step import block_beam_step
 from aiayn.search import Hypothesis, beam_search, beam_step, greedy_search, length_penalty
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
@@ -29,14 +31,18 @@ def model() -> Transformer:
     return model
 
 
-@pytest.fixture(params=["fused", "torch"])
+@pytest.fixture(params=["fused", "blocks", "torch"])
 def beam_path(request, monkeypatch):
-    """Beam search through its fused C++ step (the CPU default) and through log_softmax + beam_step."""
+    """Beam search through each step `aiayn.inference.beam_step_for` can hand it (the fused C++
+    step; log_softmax + block_beam_step) and through its own log_softmax + beam_step."""
+    # Every beam_search call below without a step= gets the one of this parameter as its default.
     if request.param == "fused":
         if not fused_beam_step.available():
             pytest.skip("the fused beam step could not be built here (no C++ compiler torch.compile can use)")
-        # Every beam_search call below without a step= gets the fused one as its default.
         monkeypatch.setattr(aiayn.search, "log_prob_step", fused_beam_step.fused_beam_step)
+    elif request.param == "blocks":
+        blocks = functools.partial(aiayn.search.log_prob_step, select=block_beam_step)
+        monkeypatch.setattr(aiayn.search, "log_prob_step", blocks)
     return request.param
 
 
@@ -90,9 +96,9 @@ def test_beam_step_keeps_2k_candidates_sorted():
 
 
 def test_beam_step_equals_one_topk_over_all_sums():
-    """The block maxima (blocks of 8 tokens: 6 whole blocks and a partial one per beam) == brute
-    force over all K * V sums, including empty beam slots (-inf) and a beam whose best tokens all
-    beat the other beams'."""
+    """beam_step and its block-maxima equivalent (blocks of 8 tokens: 6 whole blocks and a partial
+    one per beam) == brute force over all K * V sums, including empty beam slots (-inf) and a beam
+    whose best tokens all beat the other beams'."""
     generator = torch.Generator().manual_seed(3)
     batch, beam, vocab = 5, 4, 50
     scores = torch.randn(batch, beam, generator=generator) * 3
@@ -100,14 +106,13 @@ def test_beam_step_equals_one_topk_over_all_sums():
     step = torch.log_softmax(torch.randn(batch, beam, vocab, generator=generator) * 2, dim=-1)
     scores[1] = 0.0
     step[1, 2] += 5.0  # beam 2's 2K best tokens beat every token of the other beams of sentence 1
-    cand_scores, beams, tokens = beam_step(scores, step, block=8)
     brute_scores, brute_index = (scores[:, :, None] + step).view(batch, -1).topk(2 * beam, dim=-1)
-    assert torch.equal(cand_scores, brute_scores)
-    assert torch.equal(beams, brute_index // vocab)
-    assert torch.equal(tokens, brute_index % vocab)
-    assert beams[1].tolist() == [2] * (2 * beam)
-    # With one block per beam (block >= V) the same again: the block path is not the only one.
-    assert torch.equal(beam_step(scores, step, block=64)[0], brute_scores)
+    for select in (beam_step, lambda s, p: block_beam_step(s, p, block=8), block_beam_step):  # 64: one topk
+        cand_scores, beams, tokens = select(scores, step)
+        assert torch.equal(cand_scores, brute_scores)
+        assert torch.equal(beams, brute_index // vocab)
+        assert torch.equal(tokens, brute_index % vocab)
+        assert beams[1].tolist() == [2] * (2 * beam)
 
 
 @pytest.mark.parametrize("vocab", [8000, 8003])  # whole blocks of 64, a partial last block
@@ -122,7 +127,7 @@ def test_beam_step_by_blocks_equals_brute_force(vocab):
     step[1, 2, -1] = 0.0  # the best sum of sentence 1 sits in beam 2's partial last block
     step[2, 1, 64:128] += 30.0  # all 2K best sums of sentence 2 in one block of beam 1
     step[3, 3, 7] = float("-inf")
-    cand_scores, beams, tokens = beam_step(scores, step)
+    cand_scores, beams, tokens = block_beam_step(scores, step)
     brute_scores, brute_index = (scores[:, :, None] + step).view(batch, -1).topk(2 * beam, dim=-1)
     assert torch.equal(cand_scores, brute_scores)
     assert torch.equal(beams, brute_index // vocab) and torch.equal(tokens, brute_index % vocab)
@@ -131,7 +136,7 @@ def test_beam_step_by_blocks_equals_brute_force(vocab):
     # An expanded input (the first beam step: one row per sentence, copied to every beam slot).
     wide = step[:, :1].expand(-1, beam, -1)
     brute_wide = (scores[:, :, None] + wide).reshape(batch, -1).topk(2 * beam, dim=-1)
-    assert torch.equal(beam_step(scores, wide)[0], brute_wide.values)
+    assert torch.equal(block_beam_step(scores, wide)[0], brute_wide.values)
 
 
 @pytest.mark.parametrize("vocab", [40, 8003])

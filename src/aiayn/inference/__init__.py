@@ -11,14 +11,16 @@ behind a capability check (`aiayn.hardware`) with a fallback that gives the same
     layers.py           the generic linear-layer replacement both use
     attention.py        the CPU's attention kernel per decoding shape (`summed_attention`)
     fused_beam_step.py  log-softmax, masks and beam step in one C++ pass (inductor's C++ toolchain)
+    beam_step.py        `beam_step_for`: that, or the block-maxima equivalent of `search.beam_step`
     compile.py          `torch.compile` of the encoder and decoder step (dynamo / inductor flags)
-    prepare.py          `prepare`, `beam_step_for`, and the timing `--precision auto` weighs
+    prepare.py          `prepare`, and the timing `--precision auto` weighs
 
 Process-wide settings are made by `prepare` only: glibc malloc's thresholds (`aiayn.allocator`,
 once, on the CPU) and, with compile=True, dynamo's recompile limit (raised once) and inductor's
 flags (around each compiled call, under a lock).
 """
 
-from aiayn.inference.prepare import PRECISIONS, beam_step_for, check_precision, decoding_timings, prepare
+from aiayn.inference.beam_step import beam_step_for
+from aiayn.inference.prepare import PRECISIONS, check_precision, decoding_timings, prepare
 
 __all__ = ["PRECISIONS", "beam_step_for", "check_precision", "decoding_timings", "prepare"]

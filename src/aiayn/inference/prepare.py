@@ -13,7 +13,7 @@ import torch
 from aiayn import hardware
 from aiayn.allocator import retain_freed_memory
 from aiayn.attention import MultiHeadAttention
-from aiayn.inference import fused_beam_step, prepack
+from aiayn.inference import prepack
 from aiayn.inference.attention import cpu_attention
 from aiayn.inference.compile import compile_model
 from aiayn.inference.quantize import quantize_int8
@@ -51,8 +51,8 @@ def prepare(model, *, precision: str, device: str | torch.device = "cpu", compil
         - glibc malloc keeps freed memory (`aiayn.allocator`, process-wide, once);
         - compile=True routes encoder and decoder step through `torch.compile` (`compile_model`,
           needs a C++ compiler: without one it warns and stays eager) instead of packing.
-    The model serves inference only afterwards. `beam_step_for(device)` gives the matching step
-    for `aiayn.search.beam_search`.
+    The model serves inference only afterwards. `aiayn.inference.beam_step_for(device)` gives the
+    matching step for `aiayn.search.beam_search`.
     Raises:
         ValueError: an unknown precision, or int8 on a device other than the CPU.
     """
@@ -83,14 +83,6 @@ def prepare(model, *, precision: str, device: str | torch.device = "cpu", compil
     return model
 
 
-def beam_step_for(device: str | torch.device):
-    """The fastest beam step for `aiayn.search.beam_search(step=...)` on `device`: the fused C++
-    step on the CPU where it could be built, else None (the search's own `log_prob_step`)."""
-    if torch.device(device).type == "cpu" and fused_beam_step.available():
-        return fused_beam_step.fused_beam_step
-    return None
-
-
 def decoding_timings(model, device: str | torch.device, precisions=("fp32", "bf16"), *, rows: int = 32,
                      source_len: int = 16, steps: int = 8) -> dict[str, float]:
     """Seconds per precision for an encoder pass and `steps` cached decoder steps of `rows`
@@ -116,4 +108,4 @@ def decoding_timings(model, device: str | torch.device, precisions=("fp32", "bf1
     return hardware.time_each(runs)
 
 
-__all__ = ["PRECISIONS", "beam_step_for", "check_precision", "decoding_timings", "prepare"]
+__all__ = ["PRECISIONS", "check_precision", "decoding_timings", "prepare"]
