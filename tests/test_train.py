@@ -378,3 +378,12 @@ def test_training_timings_leave_the_model_and_random_state_alone(corpus):
     assert torch.equal(torch.rand(3), expected_next)  # dropout in the probe drew from a forked generator
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_each_rank_resumes_with_its_own_random_state():
+    from aiayn.train import _state_of_rank
+
+    states = [torch.tensor([0, 1], dtype=torch.uint8), torch.tensor([2, 3], dtype=torch.uint8)]
+    assert [_state_of_rank(states, rank).tolist() for rank in (0, 1, 2)] == [[0, 1], [2, 3], [0, 1]]
+    legacy = torch.tensor([7, 7], dtype=torch.uint8)  # before per-rank CUDA states: one for all
+    assert _state_of_rank(legacy, 1) is legacy

@@ -258,14 +258,34 @@ def _distributed_context(device: str = "cpu") -> tuple[int, int, int]:
     return rank, world, local_rank
 
 
-def _all_reduce(values: list[float], world: int) -> list[float]:
+def _all_reduce(values: list[float], world: int, device: torch.device) -> list[float]:
+    """Sums over the processes. On `device`: NCCL (CUDA) runs collectives on GPU tensors only."""
     if world == 1:
         return values
     import torch.distributed as dist
 
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def _all_gather(state: torch.Tensor, world: int, device: torch.device) -> list[torch.Tensor]:
+    """Every process's `state` (a CPU tensor of the same shape), rank order, on the CPU."""
+    if world == 1:
+        return [state]
+    import torch.distributed as dist
+
+    gathered = [torch.empty_like(state, device=device) for _ in range(world)]
+    dist.all_gather(gathered, state.to(device))
+    return [tensor.cpu() for tensor in gathered]
+
+
+def _state_of_rank(states, rank: int) -> torch.Tensor:
+    """A rank's random state from a checkpoint's per-rank list (rank 0's where the run had fewer
+    processes, or where an older checkpoint kept one state for all)."""
+    if isinstance(states, torch.Tensor):
+        return states
+    return states[rank] if rank < len(states) else states[0]
 
 
 def _autocast(device: torch.device, precision: str):
@@ -408,9 +428,9 @@ def fit(
         state = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         iterator.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        torch.set_rng_state(_state_of_rank(state["rng"], rank))
         if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"])
+            torch.cuda.set_rng_state(_state_of_rank(state["cuda_rng"], rank), device)
         step, best_bleu, elapsed_before = state["step"], state["best_bleu"], state["elapsed"]
         if is_main:
             print(f"resumed from {latest} (step {step}, epoch {iterator.epoch})", flush=True)
@@ -446,23 +466,16 @@ def fit(
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
 
-    def collect_rng() -> list[torch.Tensor]:
-        state = torch.get_rng_state()
-        if world == 1:
-            return [state]
-        import torch.distributed as dist
-
-        gathered = [torch.empty_like(state) for _ in range(world)]
-        dist.all_gather(gathered, state)
-        return gathered
-
     def checkpoint() -> None:
-        rng = collect_rng()
+        # Every rank's random states (CPU, and CUDA: each GPU has its own generator), so that a
+        # resumed run gives each rank its own back.
+        rng = _all_gather(torch.get_rng_state(), world, device)
+        cuda_rng = _all_gather(torch.cuda.get_rng_state(device), world, device) if device.type == "cuda" else None
         if not is_main:
             return
         state = {
             "step": step, "data": iterator.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng,
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "cuda_rng": cuda_rng,
             "best_bleu": best_bleu, "elapsed": elapsed_before + (time.monotonic() - start),
         }
         save_checkpoint(out_dir, model, state, config.keep_last)
@@ -526,7 +539,7 @@ def fit(
             group = [next(stream) for _ in range(per_update)]  # every rank walks the same batches
             mine = group[rank * config.accumulate : (rank + 1) * config.accumulate]
             local_tokens = float(sum(b.num_tgt_tokens for b in mine))
-            global_tokens = _all_reduce([local_tokens], world)[0]
+            global_tokens = _all_reduce([local_tokens], world, device)[0]
             lr = learning_rate(step + 1, d_model=d_model, warmup_steps=config.warmup_steps, scale=config.lr_scale)
             for group_ in optimizer.param_groups:
                 group_["lr"] = lr
@@ -543,7 +556,8 @@ def fit(
                     (loss * (world / global_tokens)).backward()
                 loss_sum += loss.item()
                 nll_sum += nll.item()
-            loss_sum, nll_sum, stops = _all_reduce([loss_sum, nll_sum, float(stop_request.requested)], world)
+            loss_sum, nll_sum, stops = _all_reduce([loss_sum, nll_sum, float(stop_request.requested)], world,
+                                                   device)
             stop_agreed = stops > 0
             if not (np.isfinite(loss_sum) and np.isfinite(nll_sum)):
                 last = checkpoint_paths(out_dir)
