@@ -42,7 +42,7 @@ def build_tiny_model(directory: Path) -> list[str]:
     from aiayn.data import read_parallel
     from aiayn.model import Transformer
     from aiayn.tokenizer import Tokenizer
-    from aiayn.train import save_model
+    from aiayn.checkpoint import save_model
 
     pairs = read_parallel(MULTI30K / "val.de.gz", MULTI30K / "val.en.gz")
     tokenizer = Tokenizer.train(pairs.src[:300] + pairs.tgt[:300], vocab_size=300)

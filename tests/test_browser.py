@@ -22,7 +22,7 @@ from aiayn.data import read_parallel
 from aiayn.model import Transformer
 from aiayn.server import background_server, create_app
 from aiayn.tokenizer import Tokenizer
-from aiayn.train import save_model
+from aiayn.checkpoint import save_model
 from conftest import MULTI30K
 
 CHROMIUM = os.environ.get("AIAYN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"

@@ -10,7 +10,7 @@ from aiayn import ModelConfig, Transformer
 from aiayn.cli import main
 from aiayn.evaluate import bleu, format_scores, score
 from aiayn.tokenizer import Tokenizer
-from aiayn.train import save_model
+from aiayn.checkpoint import save_model
 from aiayn.translator import Translator
 
 HYP = "the cat sat on the mat"

@@ -20,7 +20,7 @@ from aiayn.model import Transformer
 from aiayn.config import DecodeConfig
 from aiayn.server import BatchingWorker, ServerLimits, background_server, create_app
 from aiayn.tokenizer import Tokenizer
-from aiayn.train import save_model
+from aiayn.checkpoint import save_model
 from conftest import MULTI30K
 
 SENTENCES = [

@@ -16,15 +16,8 @@ from aiayn import ModelConfig, Transformer
 from aiayn.config import TrainConfig
 from aiayn.data import encode_parallel, read_parallel
 from aiayn.tokenizer import Tokenizer
-from aiayn.train import (
-    TrainingDiverged,
-    average_checkpoints,
-    checkpoint_paths,
-    fit,
-    label_smoothed_nll_loss,
-    learning_rate,
-    load_model,
-)
+from aiayn.checkpoint import average_checkpoints, checkpoint_paths, latest_checkpoint, load_model, save_checkpoint
+from aiayn.train import TrainingDiverged, fit, label_smoothed_nll_loss, learning_rate
 from conftest import MULTI30K
 
 DATA = MULTI30K
@@ -387,3 +380,23 @@ def test_each_rank_resumes_with_its_own_random_state():
     assert [_state_of_rank(states, rank).tolist() for rank in (0, 1, 2)] == [[0, 1], [2, 3], [0, 1]]
     legacy = torch.tensor([7, 7], dtype=torch.uint8)  # before per-rank CUDA states: one for all
     assert _state_of_rank(legacy, 1) is legacy
+
+
+def test_checkpoints_round_trip_without_a_training_run(tmp_path):
+    # What resume reads back is what was written: weights, and the training state as given.
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny"))
+    states = []
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            model.src_embedding.weight.add_(1.0)
+        state = {"step": step, "rng": [torch.get_rng_state()], "best_bleu": 10.0 + step, "elapsed": 2.5 * step}
+        save_checkpoint(tmp_path, model, state, keep_last=2)
+        states.append(state)
+    assert [path.name for path in checkpoint_paths(tmp_path)] == ["step_00000002", "step_00000003"]
+    path, weights, state = latest_checkpoint(tmp_path)
+    assert path.name == "step_00000003" and state["step"] == 3 and state["best_bleu"] == 13.0
+    assert torch.equal(state["rng"][0], states[-1]["rng"][0])
+    assert all(torch.equal(weights[name], value) for name, value in model.state_dict().items())
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        latest_checkpoint(tmp_path / "empty")

@@ -14,7 +14,7 @@ from aiayn.cli import main
 from aiayn.data import read_parallel
 from aiayn.search import beam_search
 from aiayn.tokenizer import Tokenizer
-from aiayn.train import save_model
+from aiayn.checkpoint import save_model
 from aiayn.translator import AttentionResult, Translator
 from conftest import MULTI30K
 
@@ -145,7 +145,7 @@ def test_auto_precision_takes_bf16_where_native_and_measured_faster(model_dir, m
 
 
 def test_decoding_timings_measure_copies_and_leave_the_model_alone(model_dir):
-    from aiayn.train import load_model
+    from aiayn.checkpoint import load_model
 
     model, _, _ = load_model(model_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -338,7 +338,7 @@ def test_compile_without_a_compiler_warns_and_runs_eagerly(model_dir, translator
 
 
 def test_translator_leaves_the_callers_model_alone_and_trainable(model_dir, translator):
-    from aiayn.train import load_model
+    from aiayn.checkpoint import load_model
 
     model, tokenizer, _ = load_model(model_dir)
     model.train()

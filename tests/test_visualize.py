@@ -18,7 +18,7 @@ from aiayn import ModelConfig, Transformer
 from aiayn.cli import main
 from aiayn.model import sinusoidal_table
 from aiayn.tokenizer import Tokenizer
-from aiayn.train import load_model, save_model
+from aiayn.checkpoint import load_model, save_model
 from aiayn.visualize import (
     attention_figsize,
     font_families,

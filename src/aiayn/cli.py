@@ -72,7 +72,7 @@ def _add_average(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_average(args: argparse.Namespace) -> int:
-    from aiayn.train import average_run
+    from aiayn.checkpoint import average_run
 
     paths = average_run(args.run, args.last, args.out)
     print(f"averaged {len(paths)} checkpoints into {args.out}: " + ", ".join(p.name for p in paths))
@@ -162,7 +162,7 @@ def _run_positions(args: argparse.Namespace) -> int:
     if args.length < 1:
         raise ValueError(f"--length must be >= 1, got {args.length}")
     if args.model:
-        from aiayn.train import load_model
+        from aiayn.checkpoint import load_model
 
         model, _, _ = load_model(args.model)
         if args.d_model is not None and args.d_model != model.config.d_model:

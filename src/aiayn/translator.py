@@ -82,8 +82,8 @@ class Translator:
         precision: str = "fp32",
         compile: bool = False,
     ) -> Translator:
-        """A Translator for a model directory written by `aiayn.train.save_model`."""
-        from aiayn.train import load_model
+        """A Translator for a model directory written by `aiayn.checkpoint.save_model`."""
+        from aiayn.checkpoint import load_model
 
         if precision != "auto":  # before loading: no model moved to a device it cannot use
             check_precision(precision, device)
