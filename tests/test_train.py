@@ -400,3 +400,29 @@ def test_checkpoints_round_trip_without_a_training_run(tmp_path):
     assert all(torch.equal(weights[name], value) for name, value in model.state_dict().items())
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         latest_checkpoint(tmp_path / "empty")
+
+
+def test_train_step_is_one_update_and_a_nan_leaves_the_weights(corpus):
+    from aiayn.data import BatchIterator
+    from aiayn.train import TranslationLoss, train_step
+
+    tokenizer, data, _ = corpus
+    model = _model(tokenizer).train()
+    criterion = TranslationLoss(model, label_smoothing=0.1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.0)
+    batches = list(BatchIterator(data, 600, shuffle=False))[:2]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss, nll, tokens, stop = train_step(criterion, optimizer, batches, lr=1e-3, device=torch.device("cpu"),
+                                         precision="fp32", stop_requested=True)
+    assert tokens == sum(b.num_tgt_tokens for b in batches) and stop
+    assert 0 < nll < loss  # label smoothing adds to the plain NLL
+    assert optimizer.param_groups[0]["lr"] == 1e-3
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())  # ready for the next update
+    with torch.no_grad():
+        model.src_embedding.weight[5:, 0] = float("nan")  # shared with the output layer: NaN logits
+    poisoned = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TrainingDiverged, match="loss became nan"):
+        train_step(criterion, optimizer, batches, lr=1e-3, device=torch.device("cpu"), precision="fp32")
+    # No optimizer step was taken: every weight is as it was (NaN where it was NaN).
+    assert all(torch.equal(poisoned[k].nan_to_num(), v.nan_to_num()) for k, v in model.state_dict().items())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -161,6 +162,46 @@ def training_timings(model: Transformer, batches: list, device: torch.device, pr
         for warm_up in runs.values():
             warm_up()
         return hardware.time_each(runs, repeats=repeats)
+
+
+def train_step(
+    criterion, optimizer, batches: list, *, lr: float, device: torch.device, precision: str, world: int = 1,
+    clip_norm: float = 0.0, stop_requested: bool = False,
+) -> tuple[float, float, float, bool]:
+    """One update (section 5.3): teacher-forced forward and backward over this process's `batches`
+    (gradients accumulated), then one Adam step at learning rate `lr`.
+
+    The gradient is the per-token mean over the whole global batch (every process's batches).
+    Returns:
+        (smoothed loss sum, NLL sum, target tokens) over all processes, and whether any process
+        asked to stop (a signal may reach one rank only: they agree through this all-reduce).
+    Raises:
+        TrainingDiverged: the loss is NaN / inf; the weights are left as they were.
+    """
+    global_tokens = _all_reduce([float(sum(b.num_tgt_tokens for b in batches))], world, device)[0]
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = nll_sum = 0.0
+    for i, batch in enumerate(batches):
+        batch = batch.to(device)
+        sync = world == 1 or i == len(batches) - 1
+        with contextlib.nullcontext() if sync else criterion.no_sync():
+            with _autocast(device, precision):
+                loss, nll = criterion(batch.src_tokens, batch.tgt_input, batch.tgt_output)
+            # DDP averages gradients over processes; scaling by world / global tokens makes the
+            # update the per-token mean over the whole global batch.
+            (loss * (world / global_tokens)).backward()
+        loss_sum += loss.item()
+        nll_sum += nll.item()
+    loss_sum, nll_sum, stops = _all_reduce([loss_sum, nll_sum, float(stop_requested)], world, device)
+    if not (math.isfinite(loss_sum) and math.isfinite(nll_sum)):
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingDiverged(f"loss became {loss_sum / global_tokens}")
+    if clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(criterion.parameters(), clip_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, nll_sum, global_tokens, stops > 0
 
 
 def _batch_stream(iterator):
@@ -361,7 +402,7 @@ def fit(
     total_tokens = 0.0
 
     stop_request = _StopRequest()
-    stop_agreed = False  # a signal may reach one rank only: the ranks agree through the loss all-reduce
+    stop_agreed = False  # set by train_step: every rank stops at the same update
 
     def should_stop() -> bool:
         minutes = (elapsed_before + time.monotonic() - start) / 60
@@ -377,38 +418,19 @@ def fit(
         while not should_stop():
             group = [next(stream) for _ in range(per_update)]  # every rank walks the same batches
             mine = group[rank * config.accumulate : (rank + 1) * config.accumulate]
-            local_tokens = float(sum(b.num_tgt_tokens for b in mine))
-            global_tokens = _all_reduce([local_tokens], world, device)[0]
             lr = learning_rate(step + 1, d_model=d_model, warmup_steps=config.warmup_steps, scale=config.lr_scale)
-            for group_ in optimizer.param_groups:
-                group_["lr"] = lr
-            loss_sum = nll_sum = 0.0
-            for i, batch in enumerate(mine):
-                batch = batch.to(device)
-                sync = world == 1 or i == len(mine) - 1
-                no_sync = contextlib.nullcontext() if sync else criterion.no_sync()
-                with no_sync:
-                    with _autocast(device, config.precision):
-                        loss, nll = criterion(batch.src_tokens, batch.tgt_input, batch.tgt_output)
-                    # DDP averages gradients over processes; scaling by world / global tokens
-                    # makes the update the per-token mean over the whole global batch.
-                    (loss * (world / global_tokens)).backward()
-                loss_sum += loss.item()
-                nll_sum += nll.item()
-            loss_sum, nll_sum, stops = _all_reduce([loss_sum, nll_sum, float(stop_request.requested)], world,
-                                                   device)
-            stop_agreed = stops > 0
-            if not (np.isfinite(loss_sum) and np.isfinite(nll_sum)):
+            try:
+                loss_sum, nll_sum, global_tokens, stop_agreed = train_step(
+                    criterion, optimizer, mine, lr=lr, device=device, precision=config.precision, world=world,
+                    clip_norm=config.clip_norm, stop_requested=stop_request.requested,
+                )
+            except TrainingDiverged as error:
                 last = checkpoint_paths(out_dir)
                 raise TrainingDiverged(
-                    f"loss became {loss_sum / global_tokens} at step {step + 1} (lr {lr:.3g}); "
-                    f"stopping. Last good checkpoint: {last[-1] if last else 'none'}. "
-                    "Try a lower --lr-scale, a longer warmup, --set clip_norm=1.0 or fp32."
-                )
-            if config.clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                    f"{error} at step {step + 1} (lr {lr:.3g}); stopping. Last good checkpoint: "
+                    f"{last[-1] if last else 'none'}. Try a lower --lr-scale, a longer warmup, "
+                    "--set clip_norm=1.0 or fp32."
+                ) from None
             step += 1
             window_tokens += global_tokens
             total_tokens += global_tokens
