@@ -57,6 +57,15 @@ def length_penalty(length: float, alpha: float) -> float:
     return ((5.0 + length) / 6.0) ** alpha
 
 
+def check_beam_step_shapes(scores: Tensor, step_log_probs: Tensor) -> None:
+    """Raises ValueError unless scores is [B, K] and step_log_probs [B, K, V]."""
+    if scores.dim() != 2 or step_log_probs.dim() != 3 or step_log_probs.shape[:2] != scores.shape:
+        raise ValueError(
+            f"beam_step needs scores [B, K] and step_log_probs [B, K, V], got "
+            f"{tuple(scores.shape)} and {tuple(step_log_probs.shape)}"
+        )
+
+
 def beam_step(scores: Tensor, step_log_probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Top 2K continuations of every sentence's beams (pure function, fairseq BeamSearch.step).
 
@@ -73,11 +82,7 @@ def beam_step(scores: Tensor, step_log_probs: Tensor) -> tuple[Tensor, Tensor, T
     Raises:
         ValueError: if the shapes disagree.
     """
-    if scores.dim() != 2 or step_log_probs.dim() != 3 or step_log_probs.shape[:2] != scores.shape:
-        raise ValueError(
-            f"beam_step needs scores [B, K] and step_log_probs [B, K, V], got "
-            f"{tuple(scores.shape)} and {tuple(step_log_probs.shape)}"
-        )
+    check_beam_step_shapes(scores, step_log_probs)
     batch, beam, vocab = step_log_probs.shape
     sums = (scores.unsqueeze(-1) + step_log_probs).reshape(batch, -1)  # [B, K * V]
     cand_scores, flat_index = sums.topk(min(2 * beam, beam * vocab), dim=-1)  # [B, C]

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from aiayn.inference import fused_beam_step
-from aiayn.search import log_prob_step
+from aiayn.search import check_beam_step_shapes, log_prob_step
 
 
 def block_beam_step(scores: Tensor, step_log_probs: Tensor, block: int = 64) -> tuple[Tensor, Tensor, Tensor]:
@@ -26,21 +26,9 @@ def block_beam_step(scores: Tensor, step_log_probs: Tensor, block: int = 64) -> 
     block). Equal sums may come out in a different order than `torch.topk` gives them (which order that
     is, is unspecified).
 
-    Args:
-        scores: cumulative log-probs of the live beams [B, K] (-inf marks an empty beam slot).
-        step_log_probs: next-token log-probs of each beam [B, K, V].
-        block: tokens per block.
-    Returns:
-        (candidate scores [B, C], beam index of each candidate [B, C], token id [B, C]) with
-        C = min(2K, K * V), sorted by score descending within each sentence.
-    Raises:
-        ValueError: if the shapes disagree.
+    Arguments, result and errors as `beam_step`'s; `block`: tokens per block.
     """
-    if scores.dim() != 2 or step_log_probs.dim() != 3 or step_log_probs.shape[:2] != scores.shape:
-        raise ValueError(
-            f"block_beam_step needs scores [B, K] and step_log_probs [B, K, V], got "
-            f"{tuple(scores.shape)} and {tuple(step_log_probs.shape)}"
-        )
+    check_beam_step_shapes(scores, step_log_probs)
     batch, beam, vocab = step_log_probs.shape
     count = min(2 * beam, beam * vocab)
     n_blocks = vocab // block
