@@ -426,3 +426,32 @@ def test_train_step_is_one_update_and_a_nan_leaves_the_weights(corpus):
         train_step(criterion, optimizer, batches, lr=1e-3, device=torch.device("cpu"), precision="fp32")
     # No optimizer step was taken: every weight is as it was (NaN where it was NaN).
     assert all(torch.equal(poisoned[k].nan_to_num(), v.nan_to_num()) for k, v in model.state_dict().items())
+
+
+def test_training_state_saves_and_restores_without_a_run(tmp_path, corpus):
+    from aiayn.data import BatchIterator
+    from aiayn.train import TrainingState, TranslationLoss, load_training_state, save_training_state, train_step
+
+    tokenizer, data, _ = corpus
+
+    def parts():
+        model = _model(tokenizer).train()
+        return model, torch.optim.Adam(model.parameters(), lr=0.0), BatchIterator(data, 600, shuffle=True, seed=3)
+
+    model, optimizer, iterator = parts()
+    stream = iter(iterator)
+    for _ in range(2):
+        train_step(TranslationLoss(model, label_smoothing=0.1), optimizer, [next(stream)], lr=1e-3,
+                   device=torch.device("cpu"), precision="fp32")
+    torch.manual_seed(99)
+    save_training_state(tmp_path, model, optimizer, iterator, TrainingState(2, 12.5, 30.0), elapsed=40.0,
+                        keep_last=2)
+    expected_draw = torch.rand(2)
+    torch.manual_seed(0)  # a fresh process state
+    fresh_model, fresh_optimizer, fresh_iterator = parts()
+    state, path = load_training_state(tmp_path, fresh_model, fresh_optimizer, fresh_iterator)
+    assert (state, path.name) == (TrainingState(2, 12.5, 40.0), "step_00000002")
+    assert all(torch.equal(v, fresh_model.state_dict()[k]) for k, v in model.state_dict().items())
+    assert fresh_optimizer.state_dict()["state"][0]["step"] == 2
+    assert fresh_iterator.position == iterator.position == 2
+    assert torch.equal(torch.rand(2), expected_draw)  # the random stream continues where it was saved

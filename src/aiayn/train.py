@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +205,71 @@ def train_step(
     return loss_sum, nll_sum, global_tokens, stops > 0
 
 
+@dataclass
+class TrainingState:
+    """Where a run stands, besides weights, optimizer, data position and random state: what a
+    checkpoint's state.pt adds to them, and what resume restores."""
+
+    step: int = 0
+    best_bleu: float = float("-inf")
+    elapsed: float = 0.0  # seconds trained before this process started (earlier, resumed-from runs)
+
+
+def save_training_state(
+    out_dir: Path, model, optimizer, iterator, state: TrainingState, *, elapsed: float, keep_last: int,
+    world: int = 1, rank: int = 0, device: torch.device | None = None,
+) -> None:
+    """A checkpoint of the run (`aiayn.checkpoint.save_checkpoint`): weights, `state` (with
+    `elapsed` seconds in all), optimizer, data position, and every rank's random states (CPU, and
+    CUDA: each GPU has its own generator), so that a resumed run gives each rank its own back.
+    Every rank calls it (the random states are gathered); rank 0 writes."""
+    device = device or torch.device("cpu")
+    rng = _all_gather(torch.get_rng_state(), world, device)
+    cuda_rng = _all_gather(torch.cuda.get_rng_state(device), world, device) if device.type == "cuda" else None
+    if rank != 0:
+        return
+    save_checkpoint(out_dir, model, {
+        "step": state.step, "data": iterator.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng,
+        "cuda_rng": cuda_rng, "best_bleu": state.best_bleu, "elapsed": elapsed,
+    }, keep_last)
+
+
+def load_training_state(
+    out_dir: Path, model, optimizer, iterator, *, rank: int = 0, device: torch.device | None = None,
+) -> tuple[TrainingState, Path]:
+    """Restore the newest checkpoint of `out_dir` into `model`, `optimizer`, `iterator` and this
+    rank's random states; returns (its TrainingState, its path).
+
+    Raises:
+        FileNotFoundError: no checkpoint in `out_dir`.
+    """
+    device = device or torch.device("cpu")
+    latest, weights, saved = latest_checkpoint(out_dir, device)
+    model.load_state_dict(weights)
+    optimizer.load_state_dict(saved["optimizer"])
+    iterator.load_state_dict(saved["data"])
+    torch.set_rng_state(_state_of_rank(saved["rng"], rank))
+    if device.type == "cuda" and saved.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(_state_of_rank(saved["cuda_rng"], rank), device)
+    return TrainingState(saved["step"], saved["best_bleu"], saved["elapsed"]), latest
+
+
+def validate(model: Transformer, tokenizer: Tokenizer, valid_corpus, valid_references: list[str] | None, config,
+             device: torch.device, state: TrainingState, out_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """Validation loss and perplexity, and BLEU where there are references; a better BLEU than
+    `state.best_bleu` is recorded there and its model written as the run's model directory.
+    Returns the log record ("best": True when it was)."""
+    record: dict[str, Any] = {"step": state.step, **evaluate_loss(model, valid_corpus, config, device)}
+    if valid_references is not None:
+        record["valid_bleu"] = validation_bleu(model, tokenizer, valid_corpus, valid_references, config, device)
+        if record["valid_bleu"] > state.best_bleu:
+            state.best_bleu = record["valid_bleu"]
+            save_model(model, tokenizer, out_dir, {**info, "step": state.step, "valid_bleu": state.best_bleu})
+            record["best"] = True
+    model.train()
+    return record
+
+
 def _batch_stream(iterator):
     while True:
         yield from iterator
@@ -301,19 +367,12 @@ def fit(
         weight_decay=config.weight_decay,
     )
     iterator = BatchIterator(train_corpus, config.batch_tokens, shuffle=True, seed=config.seed)
-    step, best_bleu, elapsed_before = 0, float("-inf"), 0.0
+    state = TrainingState()
 
     if resume:
-        latest, weights, state = latest_checkpoint(out_dir, device)
-        model.load_state_dict(weights)
-        optimizer.load_state_dict(state["optimizer"])
-        iterator.load_state_dict(state["data"])
-        torch.set_rng_state(_state_of_rank(state["rng"], rank))
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(_state_of_rank(state["cuda_rng"], rank), device)
-        step, best_bleu, elapsed_before = state["step"], state["best_bleu"], state["elapsed"]
+        state, latest = load_training_state(out_dir, model, optimizer, iterator, rank=rank, device=device)
         if is_main:
-            print(f"resumed from {latest} (step {step}, epoch {iterator.epoch})", flush=True)
+            print(f"resumed from {latest} (step {state.step}, epoch {iterator.epoch})", flush=True)
     elif is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_model(model, tokenizer, out_dir, info)  # a loadable directory from the start
@@ -347,46 +406,27 @@ def fit(
             log_file.flush()
 
     def checkpoint() -> None:
-        # Every rank's random states (CPU, and CUDA: each GPU has its own generator), so that a
-        # resumed run gives each rank its own back.
-        rng = _all_gather(torch.get_rng_state(), world, device)
-        cuda_rng = _all_gather(torch.cuda.get_rng_state(device), world, device) if device.type == "cuda" else None
-        if not is_main:
-            return
-        state = {
-            "step": step, "data": iterator.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng,
-            "cuda_rng": cuda_rng,
-            "best_bleu": best_bleu, "elapsed": elapsed_before + (time.monotonic() - start),
-        }
-        save_checkpoint(out_dir, model, state, config.keep_last)
+        save_training_state(out_dir, model, optimizer, iterator, state, keep_last=config.keep_last, world=world,
+                            rank=rank, device=device, elapsed=state.elapsed + time.monotonic() - start)
 
     def epochs_done() -> float:
         return iterator.epoch - 1 + iterator.position / len(iterator)
 
-    def validate() -> None:
-        nonlocal best_bleu
+    def validate_and_log() -> None:
         if not is_main or valid_corpus is None:
             return
-        record = {"step": step, "epoch": round(epochs_done(), 3)}
-        record.update(evaluate_loss(model, valid_corpus, config, device))
-        if valid_references is not None:
-            record["valid_bleu"] = validation_bleu(model, tokenizer, valid_corpus, valid_references, config, device)
-            if record["valid_bleu"] > best_bleu:
-                best_bleu = record["valid_bleu"]
-                save_model(model, tokenizer, out_dir, {**info, "step": step, "valid_bleu": best_bleu})
-                record["best"] = True
-        log(record)
-        message = f"step {step}: valid loss {record['valid_loss']:.3f} ppl {record['valid_ppl']:.2f}"
+        record = validate(model, tokenizer, valid_corpus, valid_references, config, device, state, out_dir, info)
+        log({**record, "epoch": round(epochs_done(), 3)})
+        message = f"step {state.step}: valid loss {record['valid_loss']:.3f} ppl {record['valid_ppl']:.2f}"
         if "valid_bleu" in record:
             message += f" BLEU {record['valid_bleu']:.2f}" + (" (best)" if record.get("best") else "")
         _print_above_bar(message)
-        model.train()
 
     bar = None
     if is_main and progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=config.max_steps, initial=step, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=config.max_steps, initial=state.step, unit="step", dynamic_ncols=True)
 
     def _print_above_bar(message: str) -> None:
         if bar is not None:
@@ -405,10 +445,10 @@ def fit(
     stop_agreed = False  # set by train_step: every rank stops at the same update
 
     def should_stop() -> bool:
-        minutes = (elapsed_before + time.monotonic() - start) / 60
+        minutes = (state.elapsed + time.monotonic() - start) / 60
         return bool(
             stop_agreed
-            or (config.max_steps is not None and step >= config.max_steps)
+            or (config.max_steps is not None and state.step >= config.max_steps)
             or (config.max_epochs is not None and epochs_done() >= config.max_epochs)
             or (config.max_minutes is not None and minutes >= config.max_minutes)
         )
@@ -418,7 +458,7 @@ def fit(
         while not should_stop():
             group = [next(stream) for _ in range(per_update)]  # every rank walks the same batches
             mine = group[rank * config.accumulate : (rank + 1) * config.accumulate]
-            lr = learning_rate(step + 1, d_model=d_model, warmup_steps=config.warmup_steps, scale=config.lr_scale)
+            lr = learning_rate(state.step + 1, d_model=d_model, warmup_steps=config.warmup_steps, scale=config.lr_scale)
             try:
                 loss_sum, nll_sum, global_tokens, stop_agreed = train_step(
                     criterion, optimizer, mine, lr=lr, device=device, precision=config.precision, world=world,
@@ -427,23 +467,23 @@ def fit(
             except TrainingDiverged as error:
                 last = checkpoint_paths(out_dir)
                 raise TrainingDiverged(
-                    f"{error} at step {step + 1} (lr {lr:.3g}); stopping. Last good checkpoint: "
+                    f"{error} at step {state.step + 1} (lr {lr:.3g}); stopping. Last good checkpoint: "
                     f"{last[-1] if last else 'none'}. Try a lower --lr-scale, a longer warmup, "
                     "--set clip_norm=1.0 or fp32."
                 ) from None
-            step += 1
+            state.step += 1
             window_tokens += global_tokens
             total_tokens += global_tokens
             window_loss += loss_sum
             window_nll += nll_sum
 
-            if step % config.log_every == 0 or should_stop():
+            if state.step % config.log_every == 0 or should_stop():
                 now = time.monotonic()
                 record = {
-                    "step": step, "epoch": round(epochs_done(), 3), "loss": window_loss / window_tokens,
+                    "step": state.step, "epoch": round(epochs_done(), 3), "loss": window_loss / window_tokens,
                     "nll": window_nll / window_tokens, "ppl": float(np.exp(min(window_nll / window_tokens, 50))),
                     "lr": lr, "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                    "elapsed_s": round(elapsed_before + now - start, 1),
+                    "elapsed_s": round(state.elapsed + now - start, 1),
                 }
                 log(record)
                 if bar is not None:
@@ -453,11 +493,11 @@ def fit(
                 window_start = now
             if bar is not None:
                 bar.update(1)
-            if config.eval_every and step % config.eval_every == 0 and not should_stop():
-                validate()
-            if config.save_every and step % config.save_every == 0 and not should_stop():
+            if config.eval_every and state.step % config.eval_every == 0 and not should_stop():
+                validate_and_log()
+            if config.save_every and state.step % config.save_every == 0 and not should_stop():
                 checkpoint()
-        validate()
+        validate_and_log()
         checkpoint()
     finally:
         stop_request.restore()
@@ -465,13 +505,14 @@ def fit(
             bar.close()
         if log_file is not None:
             log_file.close()
-    elapsed = elapsed_before + time.monotonic() - start
+    elapsed = state.elapsed + time.monotonic() - start
     if is_main:
         if valid_corpus is None or valid_references is None:
-            save_model(model, tokenizer, out_dir, {**info, "step": step})
+            save_model(model, tokenizer, out_dir, {**info, "step": state.step})
         plot_curves(out_dir / "log.jsonl", out_dir / "curves.png")
     return {
-        "steps": step, "epochs": epochs_done(), "best_valid_bleu": best_bleu if best_bleu > float("-inf") else None,
+        "steps": state.step, "epochs": epochs_done(),
+        "best_valid_bleu": state.best_bleu if state.best_bleu > float("-inf") else None,
         "elapsed_s": elapsed, "tokens_per_s": total_tokens / max(time.monotonic() - start, 1e-9),
         "precision": config.precision,
     }
