@@ -136,22 +136,18 @@ def _markers(machine_class: str) -> tuple[str, str]:
     return f"<!-- latest run, machine class {machine_class} -->", f"<!-- end of machine class {machine_class} -->"
 
 
-def update_results(results_md: Path, section: str, machine_class: str) -> Path:
+def update_results(results_md: Path, section: str, machine_class: str) -> None:
     """Put `section` (one run's Markdown) into `results_md` as the latest run of its machine class,
-    replacing the one before it, which is appended to HISTORY.md beside it (newest last).
-    Other classes' sections stay. Returns the history file's path."""
-    results_md, history = Path(results_md), Path(results_md).with_name("HISTORY.md")
+    replacing the one before it (earlier runs: git history and the JSON files). Other classes'
+    sections and the text around them stay."""
+    results_md = Path(results_md)
     begin, end = _markers(machine_class)
     text = results_md.read_text(encoding="utf-8") if results_md.exists() else ""
     block = f"{begin}\n{section.strip()}\n{end}\n"
     start = text.find(begin)
     if start >= 0:
         stop = text.index(end, start) + len(end) + 1
-        old = text[start + len(begin) + 1 : stop - len(end) - 2]
-        with open(history, "a", encoding="utf-8") as handle:
-            handle.write("\n" + old.strip() + "\n")
         text = text[:start] + block + text[stop:]
     else:
         text = text.rstrip("\n") + ("\n\n" if text else "") + block
     results_md.write_text(text, encoding="utf-8")
-    return history

@@ -5,7 +5,7 @@
 
 Writes a JSON file (default benchmarks/results/<UTC timestamp>.json, git-ignored) and makes its
 Markdown the latest section of its machine class (AVX2, AVX-512, AVX512-BF16, AMX) in
-benchmarks/RESULTS.md (or --results-md); the section it replaces moves to HISTORY.md beside it.
+benchmarks/RESULTS.md (or --results-md), replacing that class's earlier run (git keeps it).
 Every table compares aiayn and its peers in the same process, under the same threads and load,
 with steps / batches interleaved, so the ratios hold even on a busy machine; absolute numbers do
 not. Peers (Hugging Face Marian,

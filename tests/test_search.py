@@ -139,6 +139,11 @@ def test_beam_step_by_blocks_equals_brute_force(vocab):
     assert torch.equal(block_beam_step(scores, wide)[0], brute_wide.values)
 
 
+NEEDS_FUSED = pytest.mark.skipif(
+    not fused_beam_step.available(), reason="the fused beam step could not be built here (no C++ compiler)")
+
+
+@NEEDS_FUSED
 @pytest.mark.parametrize("vocab", [40, 8003])
 @pytest.mark.parametrize("rows_per_sentence", [1, 4])
 def test_fused_beam_step_equals_log_softmax_and_beam_step(vocab, rows_per_sentence):
@@ -172,6 +177,7 @@ def test_fused_beam_step_equals_log_softmax_and_beam_step(vocab, rows_per_senten
     assert torch.all(got[2][~finite] == PAD)
 
 
+@NEEDS_FUSED
 def test_fused_beam_step_ties_and_errors():
     # Uniform logits: every continuation ties, and they come out in (beam, token) order.
     cand_scores, beams, tokens = fused_beam_step.fused_beam_step(

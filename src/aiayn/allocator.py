@@ -31,7 +31,7 @@ def retain_freed_memory() -> bool:
     (the self-attention cache grows by one position, beams are reordered, finished sentences
     leave), and with glibc's default thresholds much of what a step frees goes back to the kernel
     (trimmed heap top, mmap'd chunks), so the next step page-faults it in again: hundreds of page
-    faults per beam-4 step, none after this call (benchmarks/HISTORY.md has the counts).
+    faults per beam-4 step, none after this call (the counts are in the git history of benchmarks/RESULTS.md).
     Training frees and re-allocates activations and gradients at every step the same way.
 
     The same effect as setting MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ before Python

@@ -130,14 +130,14 @@ def detect() -> Capabilities:
     except (AttributeError, RuntimeError):  # older PyTorch / an architecture cpuinfo does not know
         found = {}
     onednn = torch.backends.mkldnn.is_available()
-    onednn_bf16 = False
-    if onednn and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported"):
-        onednn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    features = frozenset(name for name in FEATURES if found.get(name) is True)
+    # PyTorch's own condition for oneDNN's bf16 path on x86 (its error message names it).
+    onednn_bf16 = onednn and ({"avx512_bw", "avx512_vl", "avx512_dq"} <= features or "avx_ne_convert" in features)
     cuda = torch.cuda.is_available()
     return Capabilities(
         cpu_model=_cpu_model(found),
         cores=os.cpu_count() or 1,
-        features=frozenset(name for name in FEATURES if found.get(name) is True),
+        features=features,
         aten_capability=torch.backends.cpu.get_cpu_capability(),
         onednn=onednn,
         onednn_bf16=onednn_bf16,
