@@ -381,5 +381,5 @@ def test_one_decode_config_from_the_cli_through_the_translator(translator):
     # A keyword replaces that field of the config given; validation is DecodeConfig's.
     assert translator.translate(SENTENCES[:1], decode, beam_size=1) == translator.translate(
         SENTENCES[:1], beam_size=1, max_len_b=8)
-    with pytest.raises(ValueError, match=r"nbest must be in \[1, beam_size\], got 3"):
+    with pytest.raises(ValueError, match=r"nbest must be an int in \[1, 2\], got 3"):
         translator.translate(SENTENCES, decode, nbest=3)

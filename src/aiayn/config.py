@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -20,6 +21,23 @@ POSITIONAL_ENCODINGS = ("sinusoidal", "learned")
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    """`value` is an int (not a bool, not a float) in [low, high]."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+    _check(ok, f"{name} must be an int in [{low}, {high if high is not None else 'inf'}], got {value!r}")
+
+
+def _check_number(name: str, value: Any, low: float, high: float, *, high_open: bool = False) -> None:
+    """`value` is a finite real number in [low, high] (or [low, high) with `high_open`)."""
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and low <= value and (value < high if high_open else value <= high))
+    _check(ok, f"{name} must be a number in [{low}, {high}{')' if high_open else ']'}, got {value!r}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    _check(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
 
 
 _Config = TypeVar("_Config", bound="_DictConfig")
@@ -36,6 +54,10 @@ class _DictConfig:
 
     @classmethod
     def from_dict(cls: type[_Config], values: dict[str, Any]) -> _Config:
+        """Raises ValueError for a non-mapping, unknown fields, or a bad value (named)."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{cls.__name__} expects a mapping of field: value, got {type(values).__name__} "
+                             f"{values!r:.80}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -65,29 +87,25 @@ class ModelConfig(_DictConfig):
     eos_id: int = EOS_ID
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_heads", "d_ff", "max_positions"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
-        for name in ("n_encoder_layers", "n_decoder_layers"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
+        # Upper bounds: a model directory may come from anyone, and its config.json is read before
+        # its weights; these keep a hostile one from asking for terabytes (`big` is well inside).
+        for name, high in MODEL_LIMITS.items():
+            _check_int(name, getattr(self, name), 1, high)
         _check(
             self.d_model % self.n_heads == 0,
             f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})",
         )
         for name in ("dropout", "attention_dropout"):
-            value = getattr(self, name)
-            _check(0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value!r}")
+            _check_number(name, getattr(self, name), 0.0, 1.0, high_open=True)
+        _check_bool("norm_first", self.norm_first)
+        _check_bool("share_embeddings", self.share_embeddings)
         _check(
-            self.positional_encoding in POSITIONAL_ENCODINGS,
+            isinstance(self.positional_encoding, str) and self.positional_encoding in POSITIONAL_ENCODINGS,
             f"positional_encoding must be one of {POSITIONAL_ENCODINGS}, got {self.positional_encoding!r}",
         )
         specials = {"pad_id": self.pad_id, "unk_id": self.unk_id, "bos_id": self.bos_id, "eos_id": self.eos_id}
         for name, value in specials.items():
-            _check(
-                isinstance(value, int) and 0 <= value < self.vocab_size,
-                f"{name} must be in [0, vocab_size={self.vocab_size}), got {value!r}",
-            )
+            _check_int(name, value, 0, self.vocab_size - 1)
         _check(len(set(specials.values())) == 4, f"special token ids must differ, got {specials}")
 
     @property
@@ -99,11 +117,20 @@ class ModelConfig(_DictConfig):
         """A named preset (`tiny`, `small`, `base`, `big`) with fields overridden by keyword."""
         if name not in MODEL_PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(MODEL_PRESETS)}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}; known: {sorted(known)}")
         return dataclasses.replace(MODEL_PRESETS[name], **overrides) if overrides else MODEL_PRESETS[name]
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+
+MODEL_LIMITS = {
+    "vocab_size": 1 << 20, "d_model": 16384, "n_heads": 256, "d_ff": 65536, "n_encoder_layers": 128,
+    "n_decoder_layers": 128, "max_positions": 1 << 16,
+}
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
     # For unit tests: a few thousand parameters, trains in seconds.
@@ -133,6 +160,9 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 }
 
 
+MAX_BEAM_SIZE = 128
+
+
 @dataclass(frozen=True)
 class DecodeConfig(_DictConfig):
     """Inference settings (paper section 6.1): beam 4, length penalty 0.6, max length = S + 50.
@@ -148,10 +178,12 @@ class DecodeConfig(_DictConfig):
     nbest: int = 1
 
     def __post_init__(self) -> None:
-        _check(self.beam_size >= 1, f"beam_size must be >= 1, got {self.beam_size}")
-        _check(self.length_penalty >= 0, f"length_penalty must be >= 0, got {self.length_penalty}")
-        _check(1 <= self.nbest <= self.beam_size, f"nbest must be in [1, beam_size], got {self.nbest}")
-        _check(self.max_len_b >= 0 and self.max_len_a >= 0, "max_len_a and max_len_b must be >= 0")
+        # Bounded so that a typo cannot ask for hours of search (the server bounds beams tighter).
+        _check_int("beam_size", self.beam_size, 1, MAX_BEAM_SIZE)
+        _check_number("length_penalty", self.length_penalty, 0.0, 10.0)
+        _check_int("nbest", self.nbest, 1, self.beam_size)
+        _check_number("max_len_a", self.max_len_a, 0.0, 10.0)
+        _check_int("max_len_b", self.max_len_b, 0, MODEL_LIMITS["max_positions"])
 
     def search_arguments(self) -> dict[str, Any]:
         """The keyword arguments of `aiayn.search.beam_search` (its names are these fields)."""
@@ -186,21 +218,36 @@ class TrainConfig(_DictConfig):
     keep_last: int = 5  # checkpoints kept on disk (the paper averaged the last 5)
     valid_beam: int = 1  # beam size for validation BLEU (1 = greedy, fast)
     valid_max_sentences: int | None = None  # BLEU on a prefix of the validation set
+    # Under torchrun: how long a collective waits for a rank that stopped answering before every
+    # rank fails (PyTorch's default is 30 minutes, during which a hung rank blocks the others).
+    distributed_timeout_s: int = 300
 
     def __post_init__(self) -> None:
-        for name in ("batch_tokens", "accumulate", "warmup_steps", "log_every", "keep_last", "valid_beam"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
+        for name in ("batch_tokens", "accumulate", "warmup_steps", "log_every", "keep_last", "valid_beam",
+                     "max_sentence_tokens"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("valid_beam", self.valid_beam, 1, MAX_BEAM_SIZE)
+        for name in ("eval_every", "save_every", "seed"):
+            _check_int(name, getattr(self, name), 0)
+        _check_int("distributed_timeout_s", self.distributed_timeout_s, 1)
+        for name in ("threads", "max_steps", "valid_max_sentences"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+        _check_number("lr_scale", self.lr_scale, 0.0, math.inf)
         _check(self.lr_scale > 0, f"lr_scale must be > 0, got {self.lr_scale}")
-        _check(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        _check(self.precision in ("auto", "fp32", "bf16"),
+        for name in ("adam_beta1", "adam_beta2", "label_smoothing"):
+            _check_number(name, getattr(self, name), 0.0, 1.0, high_open=True)
+        for name in ("adam_eps", "weight_decay", "clip_norm"):
+            _check_number(name, getattr(self, name), 0.0, math.inf)
+        _check(isinstance(self.precision, str) and self.precision in ("auto", "fp32", "bf16"),
                f"precision must be auto, fp32 or bf16, got {self.precision!r}")
-        _check(self.device in ("cpu", "cuda"), f"device must be cpu or cuda, got {self.device!r}")
-        _check(self.clip_norm >= 0, f"clip_norm must be >= 0, got {self.clip_norm}")
-        _check(self.eval_every >= 0 and self.save_every >= 0, "eval_every and save_every must be >= 0")
-        for name in ("max_steps", "max_epochs", "max_minutes"):
+        _check(isinstance(self.device, str) and self.device in ("cpu", "cuda"),
+               f"device must be cpu or cuda, got {self.device!r}")
+        for name in ("max_epochs", "max_minutes"):
             value = getattr(self, name)
-            _check(value is None or value > 0, f"{name} must be > 0, got {value!r}")
+            _check(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+                                     and math.isfinite(value)), f"{name} must be a number > 0, got {value!r}")
 
 
-__all__ = ["ModelConfig", "DecodeConfig", "TrainConfig", "MODEL_PRESETS", "PAD_ID", "UNK_ID", "BOS_ID", "EOS_ID"]
+__all__ = ["ModelConfig", "DecodeConfig", "TrainConfig", "MAX_BEAM_SIZE", "MODEL_LIMITS", "MODEL_PRESETS", "PAD_ID",
+           "UNK_ID", "BOS_ID", "EOS_ID"]

@@ -230,7 +230,32 @@ def choose_precision(
 
 
 
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, once it is known to exist here.
+
+    Raises:
+        ValueError: an unknown device string, CUDA asked for where there is none, or a GPU index
+            beyond those visible.
+    """
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"unknown device {device!r} ({error})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ValueError(f"device {device} asked for, but {why}; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device} asked for, but only {torch.cuda.device_count()} GPU(s) are visible")
+    elif device.type not in ("cpu", "mps"):
+        raise ValueError(f"device {device} is not supported; use cpu or cuda")
+    return device
+
+
 __all__ = [
-    "FEATURES", "MIN_BF16_SPEEDUP", "PRECISIONS", "Capabilities", "PrecisionChoice", "choose_precision",
+    "FEATURES", "MIN_BF16_SPEEDUP", "PRECISIONS", "Capabilities", "PrecisionChoice", "check_device",
+    "choose_precision",
     "detect", "time_each",
 ]

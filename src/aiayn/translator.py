@@ -37,6 +37,18 @@ class AttentionResult:
     translation: str
 
 
+def _check_sentences(sentences: list[str]) -> None:
+    """Every sentence a str that is valid Unicode text (a lone surrogate cannot be encoded)."""
+    for line, sentence in enumerate(sentences, 1):
+        if not isinstance(sentence, str):
+            raise ValueError(f"line {line}: expected a str, got {type(sentence).__name__}")
+        try:
+            sentence.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"line {line}: not valid Unicode text ({error.reason} at character "
+                             f"{error.start})") from None
+
+
 class Translator:
     """A model and its tokenizer, ready to translate lists of sentences.
 
@@ -61,7 +73,10 @@ class Translator:
 
     def __init__(self, model, tokenizer, *, device: str | torch.device = "cpu", precision: str = "fp32",
                  compile: bool = False, info: dict[str, Any] | None = None) -> None:
-        self.device = torch.device(device)
+        self.device = hardware.check_device(device)
+        for name, parameter in model.named_parameters():
+            if not bool(torch.isfinite(parameter).all()):
+                raise ValueError(f"the model's {name} holds NaN or infinite values: it cannot translate")
         self.num_parameters = sum(p.numel() for p in model.parameters())  # before packing / int8
         self.precision_choice = hardware.choose_precision(
             precision, self.device, timings=lambda: decoding_timings(model, self.device))
@@ -82,11 +97,17 @@ class Translator:
         precision: str = "fp32",
         compile: bool = False,
     ) -> Translator:
-        """A Translator for a model directory written by `aiayn.checkpoint.save_model`."""
+        """A Translator for a model directory written by `aiayn.checkpoint.save_model`.
+
+        Raises:
+            FileNotFoundError / ValueError: a missing or damaged model directory (`load_model`),
+                a device this machine lacks, or a precision it cannot run.
+        """
         from aiayn.checkpoint import load_model
 
         if precision != "auto":  # before loading: no model moved to a device it cannot use
             check_precision(precision, device)
+        hardware.check_device(device)
         model, tokenizer, info = load_model(model_dir, device)
         return cls(model, tokenizer, device=device, precision=precision, compile=compile, info=info)
 
@@ -135,7 +156,8 @@ class Translator:
             list of (translation, length-normalised log-prob score), best first (one ("", 0.0)
             entry for an empty line; fewer than nbest where fewer hypotheses exist).
         Raises:
-            ValueError: bad beam_size / nbest / length_penalty / max_len_* (`DecodeConfig`) or batch_tokens.
+            ValueError: bad beam_size / nbest / length_penalty / max_len_* (`DecodeConfig`) or batch_tokens;
+                a sentence that is not a str or is not valid Unicode (a lone surrogate), named by line.
         """
         overrides = {"beam_size": beam_size, "length_penalty": length_penalty, "max_len_a": max_len_a,
                      "max_len_b": max_len_b, "nbest": nbest}
@@ -143,6 +165,7 @@ class Translator:
         if batch_tokens < 1:
             raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
         pad_id = self.model.config.pad_id
+        _check_sentences(sentences)
         nonempty = [i for i, s in enumerate(sentences) if s.strip()]
         encoded = self.tokenizer.encode_batch([sentences[i] for i in nonempty]) if nonempty else []
         # A line that encodes to no pieces at all is treated like an empty line.
