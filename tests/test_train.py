@@ -444,13 +444,13 @@ def test_training_state_saves_and_restores_without_a_run(tmp_path, corpus):
         train_step(TranslationLoss(model, label_smoothing=0.1), optimizer, [next(stream)], lr=1e-3,
                    device=torch.device("cpu"), precision="fp32")
     torch.manual_seed(99)
-    save_training_state(tmp_path, model, optimizer, iterator, TrainingState(2, 12.5, 30.0), elapsed=40.0,
+    save_training_state(tmp_path, model, optimizer, iterator, TrainingState(2, 12.5, 30.0, "run-a"), elapsed=40.0,
                         keep_last=2)
     expected_draw = torch.rand(2)
     torch.manual_seed(0)  # a fresh process state
     fresh_model, fresh_optimizer, fresh_iterator = parts()
     state, path = load_training_state(tmp_path, fresh_model, fresh_optimizer, fresh_iterator)
-    assert (state, path.name) == (TrainingState(2, 12.5, 40.0), "step_00000002")
+    assert (state, path.name) == (TrainingState(2, 12.5, 40.0, "run-a"), "step_00000002")
     assert all(torch.equal(v, fresh_model.state_dict()[k]) for k, v in model.state_dict().items())
     assert fresh_optimizer.state_dict()["state"][0]["step"] == 2
     assert fresh_iterator.position == iterator.position == 2

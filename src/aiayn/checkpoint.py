@@ -29,15 +29,38 @@ CONFIG_FILE = "config.json"
 # --- model directories -----------------------------------------------------------------------
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def _publish(tmp: str | Path, path: Path, mode: int = 0o666) -> None:
+    """Make a finished temporary file or directory durable and visible under `path`: its mode as
+    any new file would have (mkstemp's are 0600), fsync, rename, fsync the directory, so that
+    after a power loss the name holds either the old or the new content, never an empty file."""
+    os.chmod(tmp, mode & ~_umask())
+    for file in [Path(tmp)] if Path(tmp).is_file() else sorted(Path(tmp).iterdir()):
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -49,10 +72,26 @@ def _atomic_save_weights(state: dict[str, torch.Tensor], path: Path, metadata: d
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_leftovers(directory: str | Path) -> list[str]:
+    """Delete what killed writes left behind in a model or run directory (temporary files and
+    checkpoint directories that were never renamed into place); returns their names."""
+    directory = Path(directory)
+    removed = []
+    for parent in (directory, directory / CHECKPOINT_DIR):
+        if not parent.is_dir():
+            continue
+        for path in parent.iterdir():
+            temporary = path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
+            if temporary or (path.is_dir() and path.name.startswith((".tmp_", ".old_"))):
+                _remove_tree(path) if path.is_dir() else path.unlink(missing_ok=True)
+                removed.append(str(path.relative_to(directory)))
+    return sorted(removed)
 
 
 def save_model(
@@ -65,41 +104,121 @@ def save_model(
     _atomic_save_weights(_unwrap(model).state_dict(), directory / WEIGHTS_FILE, {"format_version": str(FORMAT_VERSION)})
     tokenizer.save(directory)
     config = {"format_version": FORMAT_VERSION, "model": _unwrap(model).config.to_dict(), "info": info or {}}
-    _atomic_write_bytes(directory / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(directory / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True).encode())
     return directory
 
 
 def read_model_config(directory: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
-    """(ModelConfig, info) from a model directory's config.json, with clear errors."""
+    """(ModelConfig, info) from a model directory's config.json, with clear errors.
+
+    Raises:
+        FileNotFoundError: no config.json.
+        ValueError: config.json is not valid JSON, has another format_version, or holds no valid
+            model configuration (the message names the file and the bad value).
+    """
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a model directory: {path} is missing")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: invalid JSON ({error})") from error
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: invalid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object with 'format_version' and 'model', "
+                         f"got a {type(config).__name__}")
     version = config.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
-    return ModelConfig.from_dict(config["model"]), config.get("info", {})
+    if not isinstance(config.get("model"), dict):
+        raise ValueError(f"{path}: 'model' must be an object of ModelConfig fields, got {config.get('model')!r:.60}")
+    info = config.get("info", {})
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: 'info' must be an object, got {info!r:.60}")
+    try:
+        return ModelConfig.from_dict(config["model"]), info
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of a Transformer with `config`, without allocating it (meta device)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def check_weights_file(path: Path, config: ModelConfig) -> dict[str, str]:
+    """Check a safetensors file's header against `config` before anything is allocated: every
+    parameter present, with its shape, and nothing else. Returns the file's metadata.
+
+    Raises:
+        ValueError: not a safetensors file (truncated, empty, another format) or a mismatch.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+    expected = expected_shapes(config)
+    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: parameters do not match config.json (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    for name, shape in expected.items():
+        if shapes[name] != shape:
+            raise ValueError(f"{path}: {name} has shape {list(shapes[name])} but config.json implies {list(shape)}")
+    return metadata
+
+
+def _read_weights(
+    path: Path, config: ModelConfig | None, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
+    """The checked weights of a safetensors file (header first, against `config` where given;
+    then values: all finite)."""
+    from safetensors import SafetensorError
+
+    if config is not None:
+        check_weights_file(path, config)
+    try:
+        weights = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{path}: {name} holds {bad} NaN or infinite values; the model cannot translate "
+                             "(was it saved from a run that diverged?)")
+    return weights
 
 
 def load_model(
     directory: str | Path, device: str | torch.device = "cpu", weights_file: str = WEIGHTS_FILE
 ) -> tuple[Transformer, Tokenizer, dict[str, Any]]:
-    """Load (model in eval mode, tokenizer, info) from a model directory. No training state needed."""
+    """Load (model in eval mode, tokenizer, info) from a model directory. No training state needed.
+
+    The directory may come from anyone: config.json is bounded (`ModelConfig`), the weights'
+    header is checked against it before the model is built, and NaN / infinite weights are refused.
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        ValueError: a file is corrupt or does not match config.json (named in the message).
+    """
     directory = Path(directory)
     config, info = read_model_config(directory)
     weights = directory / weights_file
     if not weights.is_file():
         raise FileNotFoundError(f"{directory} has no weights: {weights} is missing")
-    model = Transformer(config)
-    model.load_state_dict(load_file(str(weights), device="cpu"))
+    state = _read_weights(weights, config)
     tokenizer = Tokenizer.load(directory)
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(
             f"{directory}: tokenizer has {tokenizer.vocab_size} pieces but the model expects {config.vocab_size}"
         )
+    model = Transformer(config)
+    model.load_state_dict(state)
     return model.to(device).eval(), tokenizer, info
 
 
@@ -124,21 +243,26 @@ def checkpoint_paths(run_dir: str | Path) -> list[Path]:
 
 def save_checkpoint(run_dir: str | Path, model: Transformer, state: dict[str, Any], keep_last: int) -> Path:
     """Write checkpoints/step_N/{model.safetensors, state.pt} via a temporary directory and one
-    rename, then delete all but the newest `keep_last`. `state` is the training state
-    (`fit` saves step, data position, optimizer, random states, best BLEU, elapsed seconds)."""
+    rename (both files fsynced first), then delete all but the newest `keep_last`. `state` is the
+    training state (`fit` saves step, data position, optimizer, random states, best BLEU, elapsed
+    seconds and the run's id, which also goes into the weights' metadata for `average_run`)."""
     run_dir = Path(run_dir)
     root = run_dir / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{state['step']:08d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp_"))
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_FILE))
+        metadata = {"format_version": str(FORMAT_VERSION), "step": str(state["step"])}
+        if state.get("run_id"):
+            metadata["run_id"] = str(state["run_id"])
+        save_file({k: v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()},
+                  str(tmp / WEIGHTS_FILE), metadata=metadata)
         torch.save(state, tmp / STATE_FILE)
         if final.exists():  # the same step saved again (e.g. at the end of a run): replace it
             old = root / f".old_{final.name}"
             os.replace(final, old)
             _remove_tree(old)
-        os.replace(tmp, final)
+        _publish(tmp, final, mode=0o777)
     except BaseException:
         _remove_tree(tmp)
         raise
@@ -163,42 +287,144 @@ def average_checkpoints(paths: list[Path]) -> dict[str, torch.Tensor]:
         if total and weights.keys() != total.keys():
             raise ValueError(f"{path} has different parameters from {paths[0]}")
         for name, tensor in weights.items():
+            if name in total and tensor.shape != total[name].shape:
+                raise ValueError(f"{path}: {name} has shape {list(tensor.shape)}, {paths[0]} has "
+                                 f"{list(total[name].shape)}")
             total[name] = total[name] + tensor.double() if name in total else tensor.double()
     return {name: (tensor / len(paths)).float() for name, tensor in total.items()}
 
 
 def average_run(run_dir: str | Path, last: int, out_dir: str | Path) -> list[Path]:
-    """Average the newest `last` checkpoints of a run into a model directory `out_dir`."""
+    """Average the newest `last` checkpoints of a run into a model directory `out_dir`.
+
+    Every checkpoint is checked first: readable, shaped as the run's config.json says, finite,
+    and written by the same run (the run id in its metadata), so that a directory holding the
+    leftovers of an earlier run is never averaged into a chimera.
+
+    Raises:
+        ValueError: `last` < 1, or a checkpoint that fails a check (named).
+        FileNotFoundError: no checkpoints.
+    """
+    from safetensors import safe_open
+
+    if not isinstance(last, int) or last < 1:
+        raise ValueError(f"--last must be >= 1 (the number of newest checkpoints to average), got {last}")
     run_dir = Path(run_dir)
     paths = checkpoint_paths(run_dir)[-last:]
     if not paths:
         raise FileNotFoundError(f"{run_dir / CHECKPOINT_DIR} holds no checkpoints")
     config, info = read_model_config(run_dir)
+    runs = {}
+    for path in paths:
+        _read_weights(path / WEIGHTS_FILE, config)
+        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as handle:
+            runs[path.name] = (handle.metadata() or {}).get("run_id")
+    if len(set(runs.values())) > 1:
+        raise ValueError(f"{run_dir / CHECKPOINT_DIR}: the checkpoints come from different runs (run ids {runs}); "
+                         "average checkpoints of one run")
     model = Transformer(config)
     model.load_state_dict(average_checkpoints(paths))
     save_model(model, Tokenizer.load(run_dir), out_dir, {**info, "averaged": [p.name for p in paths]})
     return paths
 
 
+def _read_state(path: Path) -> dict[str, Any]:
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # a damaged file also makes the unpickler warn
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - unpickling a damaged file raises many kinds
+        raise ValueError(f"{path}: unreadable ({type(error).__name__}: {error})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError(f"{path}: not a training state")
+    return state
+
+
 def latest_checkpoint(
-    run_dir: str | Path, device: str | torch.device = "cpu"
+    run_dir: str | Path, device: str | torch.device = "cpu", *, set_aside: bool = True,
 ) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]]:
-    """(path, model weights on `device`, training state) of a run's newest complete checkpoint:
+    """(path, model weights on `device`, training state) of a run's newest intact checkpoint:
     what `fit(resume=True)` continues from. The training state holds step, data position,
-    optimizer, every rank's random states, best BLEU and elapsed seconds (`save_checkpoint`).
+    optimizer, every rank's random states, best BLEU, elapsed seconds and the run id
+    (`save_checkpoint`).
+
+    A newer checkpoint that cannot be read (a power loss before its data reached the disk) is
+    skipped with a warning and, with `set_aside`, renamed to checkpoints/.broken_step_N so that
+    `average` and later resumes do not trip over it again.
 
     Raises:
         FileNotFoundError: the run has no checkpoint.
+        ValueError: no checkpoint of the run can be read.
     """
+    import warnings
+
     paths = checkpoint_paths(run_dir)
     if not paths:
         raise FileNotFoundError(f"--resume: no checkpoint in {Path(run_dir) / CHECKPOINT_DIR}")
-    latest = paths[-1]
-    weights = load_file(str(latest / WEIGHTS_FILE), device=str(device))
-    return latest, weights, torch.load(latest / STATE_FILE, map_location="cpu", weights_only=True)
+    config = read_model_config(run_dir)[0] if (Path(run_dir) / CONFIG_FILE).is_file() else None
+    problems = []
+    for path in reversed(paths):
+        try:
+            state = _read_state(path / STATE_FILE)
+            weights = _read_weights(path / WEIGHTS_FILE, config, device)
+        except (ValueError, FileNotFoundError) as error:
+            problems.append(f"{path.name}: {error}")
+            continue
+        if problems:
+            warnings.warn(f"skipped {len(problems)} unreadable checkpoint(s), resuming from {path.name}: "
+                          + "; ".join(problems), stacklevel=2)
+            if set_aside:
+                for broken in paths[paths.index(path) + 1:]:
+                    os.replace(broken, broken.parent / f".broken_{broken.name}")
+        return path, weights, state
+    raise ValueError(f"--resume: no checkpoint of {run_dir} can be read: " + "; ".join(problems))
+
+
+RUN_FILES = (WEIGHTS_FILE, CONFIG_FILE, Tokenizer.MODEL_FILE, "train_config.json", "log.jsonl", "curves.png",
+             CHECKPOINT_DIR)
+
+
+def prepare_run_directory(out_dir: str | Path, *, overwrite: bool = False) -> list[str]:
+    """Make sure a new training run may write into `out_dir`: it must be missing or empty, or
+    `overwrite` must be given, in which case the files of an earlier aiayn run are deleted (and
+    nothing else). Returns what was deleted.
+
+    Raises:
+        FileExistsError: `out_dir` holds files and `overwrite` is false (the message says how to
+            resume or replace it).
+        NotADirectoryError: `out_dir` is a file.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out {out_dir} is a file, not a directory")
+    present = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if not present:
+        return []
+    if not overwrite:
+        what = "a training run" if (out_dir / CHECKPOINT_DIR).is_dir() else (
+            "a model" if (out_dir / CONFIG_FILE).is_file() else "other files")
+        shown = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
+        raise FileExistsError(
+            f"--out {out_dir} already holds {what} ({shown}); continue it with --resume, replace it with "
+            "--overwrite, or choose another --out"
+        )
+    removed = []
+    for name in RUN_FILES:
+        path = out_dir / name
+        if path.is_dir():
+            _remove_tree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed + remove_leftovers(out_dir)
 
 
 __all__ = [
+    "RUN_FILES", "check_weights_file", "expected_shapes", "prepare_run_directory", "remove_leftovers",
     "CHECKPOINT_DIR", "CONFIG_FILE", "FORMAT_VERSION", "STATE_FILE", "WEIGHTS_FILE", "average_checkpoints",
     "average_run", "checkpoint_paths", "latest_checkpoint", "load_model", "read_model_config", "save_checkpoint",
     "save_model",

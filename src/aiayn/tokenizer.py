@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -140,21 +139,18 @@ class Tokenizer:
         model_file = path / cls.MODEL_FILE if path.is_dir() else path
         if not model_file.is_file():
             raise FileNotFoundError(f"no tokenizer model at {model_file}")
-        return cls(model_file.read_bytes())
+        try:
+            return cls(model_file.read_bytes())
+        except ValueError as error:
+            raise ValueError(f"{model_file}: {error}") from None
 
     def save(self, directory: str | Path) -> Path:
-        """Write `directory/tokenizer.model` atomically (temp file + rename); returns its path."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        target = directory / self.MODEL_FILE
-        handle, temp_name = tempfile.mkstemp(dir=directory, prefix=".tokenizer.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as temp_file:
-                temp_file.write(self._model_proto)
-            os.replace(temp_name, target)
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
+        """Write `directory/tokenizer.model` atomically and durably (temp file, fsync, rename);
+        returns its path."""
+        from aiayn.checkpoint import atomic_write_bytes
+
+        target = Path(directory) / self.MODEL_FILE
+        atomic_write_bytes(target, self._model_proto)
         return target
 
     def to_bytes(self) -> bytes:

@@ -14,7 +14,9 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+import uuid
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,13 @@ import torch
 from aiayn import hardware
 from aiayn.allocator import retain_freed_memory
 from aiayn.checkpoint import (
-    _atomic_write_bytes,
     _unwrap,
+    atomic_write_bytes,
     checkpoint_paths,
     latest_checkpoint,
+    prepare_run_directory,
     read_model_config,
+    remove_leftovers,
     save_checkpoint,
     save_model,
 )
@@ -89,17 +93,21 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-def _distributed_context(device: str = "cpu") -> tuple[int, int, int]:
+def _distributed_context(device: str = "cpu", timeout_s: int = 300) -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's environment; starts the process group
-    (NCCL between GPUs, gloo between CPU processes)."""
+    (NCCL between GPUs, gloo between CPU processes) with a `timeout_s` on every collective, so
+    that a rank that hangs fails the others in minutes rather than PyTorch's default 30."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world > 1:
+        import datetime
+
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+            dist.init_process_group(backend="nccl" if device == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=timeout_s))
     return rank, world, local_rank
 
 
@@ -213,6 +221,8 @@ class TrainingState:
     step: int = 0
     best_bleu: float = float("-inf")
     elapsed: float = 0.0  # seconds trained before this process started (earlier, resumed-from runs)
+    # Written into every checkpoint, so that `aiayn average` can refuse to mix two runs.
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
 
 def save_training_state(
@@ -230,7 +240,7 @@ def save_training_state(
         return
     save_checkpoint(out_dir, model, {
         "step": state.step, "data": iterator.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng,
-        "cuda_rng": cuda_rng, "best_bleu": state.best_bleu, "elapsed": elapsed,
+        "cuda_rng": cuda_rng, "best_bleu": state.best_bleu, "elapsed": elapsed, "run_id": state.run_id,
     }, keep_last)
 
 
@@ -244,14 +254,15 @@ def load_training_state(
         FileNotFoundError: no checkpoint in `out_dir`.
     """
     device = device or torch.device("cpu")
-    latest, weights, saved = latest_checkpoint(out_dir, device)
+    latest, weights, saved = latest_checkpoint(out_dir, device, set_aside=rank == 0)
     model.load_state_dict(weights)
     optimizer.load_state_dict(saved["optimizer"])
     iterator.load_state_dict(saved["data"])
     torch.set_rng_state(_state_of_rank(saved["rng"], rank))
     if device.type == "cuda" and saved.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(_state_of_rank(saved["cuda_rng"], rank), device)
-    return TrainingState(saved["step"], saved["best_bleu"], saved["elapsed"]), latest
+    # A checkpoint from before run ids existed keeps none: it is "" (and so are its successors).
+    return TrainingState(saved["step"], saved["best_bleu"], saved["elapsed"], saved.get("run_id", "")), latest
 
 
 def validate(model: Transformer, tokenizer: Tokenizer, valid_corpus, valid_references: list[str] | None, config,
@@ -268,6 +279,22 @@ def validate(model: Transformer, tokenizer: Tokenizer, valid_corpus, valid_refer
             record["best"] = True
     model.train()
     return record
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop the records of steps after `step` from a run's log.jsonl (they were logged before the
+    run was killed, and the resumed run repeats those steps). A torn last line is dropped too."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    atomic_write_bytes(path, "".join(kept).encode())
 
 
 def _batch_stream(iterator):
@@ -344,7 +371,7 @@ def fit(
     from aiayn.data import BatchIterator
 
     out_dir = Path(out_dir)
-    rank, world, local_rank = _distributed_context(config.device)
+    rank, world, local_rank = _distributed_context(config.device, config.distributed_timeout_s)
     is_main = rank == 0
     device = torch.device(f"cuda:{local_rank}" if config.device == "cuda" else "cpu")
     if config.threads:
@@ -369,16 +396,28 @@ def fit(
     iterator = BatchIterator(train_corpus, config.batch_tokens, shuffle=True, seed=config.seed)
     state = TrainingState()
 
+    if is_main:
+        leftovers = remove_leftovers(out_dir)
+        if leftovers:
+            print(f"removed {len(leftovers)} leftover(s) of an interrupted write: {', '.join(leftovers)}", flush=True)
     if resume:
-        state, latest = load_training_state(out_dir, model, optimizer, iterator, rank=rank, device=device)
+        with warnings.catch_warnings(record=True) as skipped:
+            warnings.simplefilter("always")
+            state, latest = load_training_state(out_dir, model, optimizer, iterator, rank=rank, device=device)
         if is_main:
+            for warning in skipped:
+                print(f"warning: {warning.message}", file=sys.stderr, flush=True)
             print(f"resumed from {latest} (step {state.step}, epoch {iterator.epoch})", flush=True)
+            _truncate_log(out_dir / "log.jsonl", state.step)
     elif is_main:
+        if checkpoint_paths(out_dir):
+            raise FileExistsError(f"{out_dir} holds the checkpoints of another run: resume it, or train into "
+                                  "an empty directory")
         out_dir.mkdir(parents=True, exist_ok=True)
         save_model(model, tokenizer, out_dir, info)  # a loadable directory from the start
         (out_dir / "log.jsonl").unlink(missing_ok=True)
     if is_main:
-        _atomic_write_bytes(out_dir / "train_config.json", json.dumps(config.to_dict(), indent=2).encode())
+        atomic_write_bytes(out_dir / "train_config.json", json.dumps(config.to_dict(), indent=2).encode())
     # "auto" is resolved here, on the machine that trains (a resumed run may be on another), timed
     # on the run's own first batches. With several processes the choice rests on capability alone,
     # so that every rank makes the same one.
@@ -614,8 +653,15 @@ def _key_values(pairs: list[str], option: str) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"{option} expects KEY=VALUE, got {pair!r}")
-        values[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        try:
+            values[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ValueError(f"{option} {pair!r}: the value is not valid YAML ({_one_line(error)})") from None
     return values
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -626,13 +672,22 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     try:
-        recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     except yaml.YAMLError as error:
-        raise ValueError(f"{path}: invalid YAML: {error}") from error
+        raise ValueError(f"{path}: invalid YAML: {_one_line(error)}") from None
+    recipe = {} if recipe is None else recipe
     allowed = {"data", "data_dir", "preset", "vocab_size", "model", "train", "description"}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{path}: a recipe is a mapping with keys {sorted(allowed)}, not a {type(recipe).__name__}")
     unknown = sorted(set(recipe) - allowed)
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}; allowed: {sorted(allowed)}")
+    for section in ("model", "train"):
+        if not isinstance(recipe.get(section, {}), dict):
+            raise ValueError(f"{path}: '{section}' must be a mapping of field: value, "
+                             f"not a {type(recipe[section]).__name__}")
     return recipe
 
 
@@ -656,7 +711,13 @@ def train_from_args(args) -> dict[str, Any]:
         # The command's default precision is "auto" (TrainConfig's, for library callers, is fp32).
         train_values = {"precision": "auto", **recipe.get("train", {}), **_key_values(args.set, "--set"), **flags}
         train_config = TrainConfig.from_dict(train_values)
-    rank, world, _ = _distributed_context(train_config.device)
+    hardware.check_device(train_config.device)
+    rank, world, _ = _distributed_context(train_config.device, train_config.distributed_timeout_s)
+    overwrite = getattr(args, "overwrite", False)
+    if args.resume and overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    if rank == 0 and not args.resume and not overwrite:  # refused before anything is read: never mix two runs
+        prepare_run_directory(out_dir)
 
     spec = args.data or recipe.get("data")
     data_dir = args.data_dir or recipe.get("data_dir")
@@ -689,8 +750,19 @@ def train_from_args(args) -> dict[str, Any]:
         preset = args.preset or recipe.get("preset") or "small"
         model_overrides = {**recipe.get("model", {}), **_key_values(args.model, "--model")}
         vocab_size = args.vocab_size or recipe.get("vocab_size") or ModelConfig.preset(preset).vocab_size
+        # The whole model configuration is checked before the tokenizer is trained or saved.
+        try:
+            ModelConfig.preset(preset, **{**model_overrides, "vocab_size": vocab_size})
+        except ValueError as error:
+            sources = " and ".join(([f"recipe {args.config}"] if recipe.get("model") else [])
+                                   + (["--model"] if args.model else []) + (["--preset"] if args.preset else []))
+            raise ValueError(f"model settings{' from ' + sources if sources else ''}: {error}") from None
         if is_main:
             tokenizer = Tokenizer.train(train_text.src + train_text.tgt, vocab_size=vocab_size)
+            # Everything is checked by now: the first write (and, with --overwrite, the first delete).
+            removed = prepare_run_directory(out_dir, overwrite=overwrite)
+            if removed:
+                say(f"--overwrite: removed {', '.join(removed)} from {out_dir}")
             tokenizer.save(out_dir)
         if world > 1:
             import torch.distributed as dist
