@@ -49,6 +49,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run or model already in --out (without it, a non-empty --out is refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
     p.set_defaults(handler=_run_train)
 
@@ -208,6 +210,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     from aiayn.server import serve
 
+    _check_port(args.host, args.port)
     serve(args.model, host=args.host, port=args.port, max_batch_sentences=args.max_batch_sentences,
           max_wait_ms=args.max_wait_ms, batching=not args.no_batching, device=args.device,
           precision=args.precision, compile=args.compile)
@@ -263,15 +266,48 @@ def _load_translator(args: argparse.Namespace):
 
 
 def _read_input_lines(path: str | None) -> list[str]:
-    """Lines of a file (plain or gzipped; empty lines kept) or of stdin."""
-    if path is not None and path != "-":
-        from aiayn.data import read_lines
+    """Lines of a file (plain or gzipped; empty lines kept) or of stdin, read as UTF-8 (a BOM
+    dropped, a bad byte reported with its line)."""
+    from aiayn.data import read_lines, read_stream
 
+    if path is not None and path != "-":
         return read_lines(path)
-    lines = sys.stdin.read().split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [line.removesuffix("\r") for line in lines]
+    if sys.stdin is None or sys.stdin.closed:
+        raise ValueError("stdin is closed: give the sentences on stdin or with --input FILE")
+    binary = getattr(sys.stdin, "buffer", None)
+    if binary is None:  # a text stream standing in for stdin (tests, embedding applications)
+        import io
+
+        binary = io.BytesIO(sys.stdin.read().encode("utf-8", "surrogateescape"))
+    return read_stream(binary, "<stdin>")
+
+
+def _check_output(path: str | None, option: str) -> None:
+    """Fail before the work, not after it, where `path` cannot be written."""
+    if path is None or path == "-":
+        return
+    target = os.path.abspath(path)
+    parent = os.path.dirname(target)
+    if os.path.isdir(target):
+        raise ValueError(f"{option} {path} is a directory")
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"{option} {path}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.exists(target) and not os.access(target, os.W_OK)):
+        raise PermissionError(f"{option} {path}: not writable")
+
+
+def _check_port(host: str, port: int) -> None:
+    """Say that the address is taken before the model is loaded (uvicorn would log it after)."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {port}")
+    try:
+        with socket.create_server((host, port), reuse_port=False):
+            pass
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise OSError(f"cannot listen on {host}:{port}: {reason}; choose another --port") from None
 
 
 def _add_translate(sub: argparse._SubParsersAction) -> None:
@@ -287,11 +323,14 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_translate(args: argparse.Namespace) -> int:
-    # Load first: a bad model directory is reported before anything waits on stdin.
+    # Check the output and load first: a bad path or model directory is reported before anything
+    # waits on stdin or is translated.
+    _check_output(args.output, "--output")
+    decode = _decode_config(args, nbest=args.nbest)
     translator = _load_translator(args)
     lines = _read_input_lines(args.input)
     results = translator.translate(
-        lines, _decode_config(args, nbest=args.nbest), batch_tokens=args.batch_tokens,
+        lines, decode, batch_tokens=args.batch_tokens,
         return_scores=args.nbest > 1, progress=args.input not in (None, "-"),
     )
     if args.nbest > 1:
@@ -330,6 +369,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         raise ValueError("give either --hyp, or --model and --src")
     if args.model is not None and args.src is None:
         raise ValueError("--model needs --src (the source side of --ref)")
+    _check_output(args.save_hyp, "--save-hyp")
     references = read_lines(args.ref)
     if args.hyp is not None:
         hypotheses = read_lines(args.hyp)
@@ -431,8 +471,21 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, OSError, KeyError, RuntimeError, ImportError) as error:
         # DataError is a ValueError; missing files are OSErrors; a missing optional extra is an
         # ImportError whose message says what to install. One line, no traceback.
-        print(f"aiayn {args.command}: error: {error}", file=sys.stderr)
+        print(f"aiayn {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print(f"aiayn {args.command}: error: out of memory (a smaller --batch-tokens, a smaller model or "
+              "smaller input files may fit)", file=sys.stderr)
+        return 2
+    except Exception as error:  # noqa: BLE001 - a defect of aiayn: still one line, and how to see more
+        print(f"aiayn {args.command}: internal error: {type(error).__name__}: {_one_line(error)} "
+              "(AIAYN_DEBUG=1 shows the traceback; please report it)", file=sys.stderr)
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text[:1000] + (" ..." if len(text) > 1000 else "")
 
 
 if __name__ == "__main__":

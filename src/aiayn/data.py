@@ -51,42 +51,64 @@ class ParallelText:
         return len(self.src)
 
 
+# Longer lines are refused: a sentence-per-line file has nothing near this, and a file that does
+# (a binary, a compressed bomb without newlines) would otherwise be read whole into memory.
+MAX_LINE_BYTES = 1 << 20
+
+
 def read_lines(path: str | Path) -> list[str]:
     """All lines of a plain or gzipped UTF-8 file, without line endings or a leading BOM.
 
-    Empty lines are kept, so output written line by line stays aligned with the input.
+    Empty lines are kept, so output written line by line stays aligned with the input. The file
+    is read as a stream, line by line, each at most MAX_LINE_BYTES.
 
     Raises:
-        DataError: missing / unreadable file, corrupt gzip, or invalid UTF-8 (with line number).
+        DataError: missing / unreadable file, corrupt gzip, invalid UTF-8 or an overlong line
+            (with the line number).
     """
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as handle:
+            compressed = handle.read(2) == _GZIP_MAGIC
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except OSError as error:
         raise DataError(f"{path}: cannot read: {error}") from error
     # Detect gzip by content: downloaded or renamed files do not always keep their .gz suffix.
-    if raw.startswith(_GZIP_MAGIC):
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as error:
-            raise DataError(f"{path}: corrupt gzip data: {error}") from error
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw.count(b"\n", 0, error.start) + 1
-        raise DataError(
-            f"{path}: line {line}: invalid UTF-8 (byte 0x{raw[error.start]:02x})"
-        ) from None
-    if text.startswith(_BOM):
-        text = text[1:]
-    # split("\n"), not splitlines(): the latter also breaks at U+2028, U+0085, form feeds ...
-    # which would silently misalign the two sides of a corpus.
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [line.removesuffix("\r") for line in lines]
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as handle:
+            return read_stream(handle, str(path))
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise DataError(f"{path}: corrupt gzip data: {error}") from error
+    except OSError as error:
+        raise DataError(f"{path}: cannot read: {error}") from error
+
+
+def read_stream(handle, name: str) -> list[str]:
+    """The lines of an open binary stream (a file, stdin) as `read_lines` returns them; `name`
+    is what error messages call it.
+
+    Raises:
+        DataError: invalid UTF-8 or a line longer than MAX_LINE_BYTES (with the line number).
+    """
+    lines = []
+    while True:
+        raw = handle.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            break
+        number = len(lines) + 1
+        if len(raw) > MAX_LINE_BYTES:
+            raise DataError(f"{name}: line {number} is longer than {MAX_LINE_BYTES >> 20} MiB; expected one "
+                            "sentence per line (is this a text file?)")
+        # Only "\n" ends a line, not splitlines()' U+2028, U+0085, form feeds ..., which would
+        # silently misalign the two sides of a corpus.
+        raw = raw.removesuffix(b"\n").removesuffix(b"\r")
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(f"{name}: line {number}: invalid UTF-8 (byte 0x{raw[error.start]:02x})") from None
+        lines.append(line.removeprefix(_BOM) if number == 1 else line)
+    return lines
 
 
 def read_parallel(src_path: str | Path, tgt_path: str | Path) -> ParallelText:
