@@ -253,6 +253,31 @@ BAD_REQUESTS = [
     ("attention-empty", "/attention", {"text": "  "}, 422, "'text' is empty"),
     ("attention-no-text", "/attention", {"target": "a"}, 422, "Field required"),
     ("body-too-large", "/translate", {"text": "x" * 5000}, 413, "the limit is 4096 bytes"),
+    # JSON's "\udcff" escape decodes to a lone surrogate: a str, but not text (the tokenizer fails).
+    (
+        "lone-surrogate",
+        "/translate",
+        b'{"text": "\\udcff"}',
+        422,
+        "text is not valid Unicode text: character 0 is a lone surrogate (U+DCFF)",
+    ),
+    (
+        "lone-surrogate-in-texts",
+        "/translate",
+        b'{"texts": ["Ein Mann.", "ab\\ud800"]}',
+        422,
+        "texts[1] is not valid Unicode text: character 2 is a lone surrogate (U+D800)",
+    ),
+    (
+        "attention-lone-surrogate",
+        "/attention",
+        b'{"text": "Ein Mann.", "target": "\\udcff"}',
+        422,
+        "target is not valid Unicode text",
+    ),
+    ("surrogate-field-name", "/translate", b'{"text": "a", "\\udcff": 1}', 422, "valid string"),
+    ("nan-penalty", "/translate", b'{"text": "a", "length_penalty": NaN}', 422, "finite number"),
+    ("infinite-penalty", "/translate", b'{"text": "a", "length_penalty": Infinity}', 422, "finite number"),
 ]
 
 
@@ -407,12 +432,14 @@ def test_worker_groups_by_settings_and_never_splits_a_request() -> None:
         (["e", "f"], 4),
         (["g"], 1),
     ]
-    assert worker.snapshot() == {
+    stats = worker.snapshot()
+    assert {key: stats[key] for key in ("requests", "sentences", "model_calls", "errors")} == {
         "requests": 5,
         "sentences": 7,
-        "model_calls": 5,
+        "model_calls": 5,  # 4 + blocker
         "errors": 0,
-    }  # 4 + blocker
+    }
+    assert (stats["queued"], stats["cancelled"], stats["retried_alone"]) == (0, 0, 0)
 
 
 def test_worker_without_batching_runs_one_call_per_request() -> None:

@@ -8,13 +8,31 @@ from aiayn.config import DecodeConfig
 from aiayn.server import MAX_BEAM_SIZE
 
 
+def check_encodable(text: str, where: str) -> None:
+    """Refuse a string that is not Unicode text: JSON's "\\udcff" escapes decode to lone surrogates,
+    which pass as `str` but crash the tokenizer (and any UTF-8 encoder) later, inside a batch.
+
+    Raises:
+        ValueError: naming `where` and the first bad character's position (never the text itself).
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        code = ord(text[error.start])
+        raise ValueError(
+            f"{where} is not valid Unicode text: character {error.start} is a lone surrogate "
+            f"(U+{code:04X}); send UTF-8 text"
+        ) from None
+
+
 class TranslateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str | None = Field(None, description="one sentence (give this or `texts`)")
     texts: list[str] | None = Field(None, description="several sentences (give this or `text`)")
     beam_size: int = Field(DecodeConfig.beam_size, ge=1, le=MAX_BEAM_SIZE, description="1 = greedy search")
     nbest: int = Field(DecodeConfig.nbest, ge=1, description="hypotheses per sentence, at most beam_size")
-    length_penalty: float = Field(DecodeConfig.length_penalty, ge=0.0, le=10.0,
+    # ge / le alone let NaN through (every comparison with NaN is false).
+    length_penalty: float = Field(DecodeConfig.length_penalty, ge=0.0, le=10.0, allow_inf_nan=False,
                                   description="alpha of Wu et al. (2016)")
 
     @model_validator(mode="after")
@@ -25,6 +43,10 @@ class TranslateRequest(BaseModel):
             )
         if self.nbest > self.beam_size:
             raise ValueError(f"nbest ({self.nbest}) must be <= beam_size ({self.beam_size})")
+        if self.text is not None:
+            check_encodable(self.text, "text")
+        for index, text in enumerate(self.texts or []):
+            check_encodable(text, f"texts[{index}]")
         return self
 
 class Hypothesis(BaseModel):
@@ -41,6 +63,13 @@ class AttentionRequest(BaseModel):
     target: str | None = Field(
         None, description="force this translation instead of decoding one"
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> "AttentionRequest":
+        check_encodable(self.text, "text")
+        if self.target is not None:
+            check_encodable(self.target, "target")
+        return self
 
 class AttentionResponse(BaseModel):
     translation: str
