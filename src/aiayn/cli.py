@@ -144,9 +144,56 @@ def _run_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explain", help="walk one sentence through the model, step by step, with its numbers",
+                       description="Show each step of one attention head on a real sentence, as lectures do: "
+                                   "embedding + positional encoding, Q, K, V, scores, scaling, mask, softmax, "
+                                   "weights x V, concat, W^O, Add & Norm, FFN, and the next-piece distribution.")
+    p.add_argument("source", help="the source sentence")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--target", help="a given translation instead of the model's own (beam 4)")
+    p.add_argument("--kind", choices=["encoder", "decoder", "cross"], default="encoder",
+                   help="which attention to walk (default encoder self-attention)")
+    p.add_argument("--layer", type=int, default=0, help="0-based layer, negative from the end (default 0)")
+    p.add_argument("--head", type=int, default=0, help="0-based head (default 0)")
+    p.add_argument("--decimals", type=int, default=2, help="digits shown in the terminal (default 2)")
+    p.add_argument("--top", type=int, default=5, help="next pieces shown per step (default 5)")
+    p.add_argument("--json", help="write the chosen head's arrays (full precision) to this JSON file")
+    p.add_argument("--html", help="write a self-contained page with every kind, layer and head to this file")
+    p.add_argument("--quiet", action="store_true", help="print nothing but the files written")
+    p.set_defaults(handler=_run_explain)
+
+
+def _run_explain(args: argparse.Namespace) -> int:
+    import json
+
+    from aiayn.checkpoint import load_model
+    from aiayn.explain import explain, format_walk, walk_json, write_html
+
+    for path, option in ((args.json, "--json"), (args.html, "--html")):
+        _check_output(path, option)
+    if not 0 <= args.decimals <= 12:
+        raise ValueError(f"--decimals must be in [0, 12], got {args.decimals}")
+    model, tokenizer, _ = load_model(args.model)
+    explanation = explain(model, tokenizer, args.source, args.target, top=args.top)
+    explanation.head(args.kind, args.layer, args.head)  # a bad layer / head is said before any file is written
+    if not args.quiet:
+        print(format_walk(explanation, args.kind, args.layer, args.head, decimals=args.decimals))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(walk_json(explanation, args.kind, args.layer, args.head), handle)
+        print(args.json, file=sys.stderr if not args.quiet else sys.stdout)
+    if args.html:
+        write_html(explanation, args.html)
+        print(args.html, file=sys.stderr if not args.quiet else sys.stdout)
+    return 0
+
+
 def _add_positions(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("positions", help="plot a positional encoding table (PNG)",
-                       description="Plot the sinusoidal encoding, or a model's own (learned or sinusoidal).")
+    p = sub.add_parser("positions", help="plot a positional encoding table or bias (PNG)",
+                       description="Plot the sinusoidal encoding, or a model's own: its table (sinusoidal, "
+                                   "learned), RoPE's rotation table, ALiBi's bias per head, or the first "
+                                   "encoder layer's relative table (Shaw et al.).")
     p.add_argument("--d-model", type=int, help="width of the sinusoidal table (default 512; not with --model)")
     p.add_argument("--length", type=int, default=100, help="number of positions")
     p.add_argument("--model", help="plot this model directory's encoding instead")
@@ -157,31 +204,55 @@ def _add_positions(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_positions(args: argparse.Namespace) -> int:
-    from aiayn.visualize import plot_positional_encoding
+    from aiayn.visualize import plot_position_bias, plot_positional_encoding
 
     if _matplotlib_missing("positions"):
         return 2
     if args.length < 1:
         raise ValueError(f"--length must be >= 1, got {args.length}")
+    first_row, row_label = 0, "position"
     if args.model:
+        import torch
+
+        from aiayn.attention import alibi_bias, alibi_slopes
         from aiayn.checkpoint import load_model
+        from aiayn.model import sinusoidal_table
 
         model, _, _ = load_model(args.model)
-        if args.d_model is not None and args.d_model != model.config.d_model:
-            raise ValueError(f"--d-model {args.d_model} differs from the model's d_model {model.config.d_model}")
-        kind = model.config.positional_encoding
-        table = model.positions.weight if kind == "learned" else model.positions.table  # [max_positions, E]
-        if args.length > table.size(0):
-            raise ValueError(f"--length {args.length} exceeds the model's max_positions {table.size(0)}")
-        title = f"{kind} positional encoding of {args.model}"
+        config = model.config
+        if args.d_model is not None and args.d_model != config.d_model:
+            raise ValueError(f"--d-model {args.d_model} differs from the model's d_model {config.d_model}")
+        kind = config.positional_encoding
+        if kind == "none":
+            raise ValueError(f"{args.model} has no positional encoding to plot (positional_encoding: none)")
+        if args.length > config.max_positions:
+            raise ValueError(f"--length {args.length} exceeds the model's max_positions {config.max_positions}")
+        if kind == "alibi":
+            positions = torch.arange(args.length)
+            bias = alibi_bias(alibi_slopes(config.n_heads), positions, positions)  # [H, P, P]
+            print(plot_position_bias(bias, out=args.out, dpi=args.dpi,
+                                     title=f"ALiBi bias -m_h |i - j| of {args.model}"))
+            return 0
+        if kind == "rope":  # cos / sin of pos * theta_i: the sinusoids at the head's width
+            table = sinusoidal_table(args.length, config.head_dim)
+            title = (f"RoPE rotation (sin, cos of pos x theta_i per pair of a head's {config.head_dim} dims) "
+                     f"of {args.model}")
+        elif kind == "relative":
+            table = model.encoder_layers[0].self_attn.relative_keys  # [2k + 1, D]
+            first_row, row_label = -(table.size(0) // 2), "relative distance j - i"
+            title = f"relative key table a^K (Shaw et al.), first encoder layer of {args.model}"
+        else:
+            table = model.positions.weight if kind == "learned" else model.positions.table  # [max_positions, E]
+            table = table[: args.length]
+            title = f"{kind} positional encoding of {args.model}"
     else:
         from aiayn.model import sinusoidal_table
 
         d_model = 512 if args.d_model is None else args.d_model
         table = sinusoidal_table(args.length, d_model)
         title = f"sinusoidal positional encoding, d_model = {d_model}"
-    print(plot_positional_encoding(table[: args.length], out=args.out, similarity=args.similarity,
-                                   title=title, dpi=args.dpi))
+    print(plot_positional_encoding(table, out=args.out, similarity=args.similarity, title=title, dpi=args.dpi,
+                                   first_row=first_row, row_label=row_label))
     return 0
 
 
@@ -429,8 +500,8 @@ def _run_info(args: argparse.Namespace) -> int:
 
 # --- parser ----------------------------------------------------------------------------------
 
-_SUBCOMMANDS = [_add_train, _add_average, _add_attention, _add_positions, _add_translate, _add_evaluate, _add_serve,
-                _add_info]
+_SUBCOMMANDS = [_add_train, _add_average, _add_attention, _add_explain, _add_positions, _add_translate,
+                _add_evaluate, _add_serve, _add_info]
 
 
 def build_parser() -> argparse.ArgumentParser:

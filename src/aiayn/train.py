@@ -704,7 +704,10 @@ def train_from_args(args) -> dict[str, Any]:
         saved = out_dir / "train_config.json"
         if not saved.is_file():
             raise FileNotFoundError(f"--resume: {saved} is missing (was {out_dir} written by aiayn train?)")
-        train_config = TrainConfig.from_dict(json.loads(saved.read_text()))
+        try:
+            train_config = TrainConfig.from_dict(json.loads(saved.read_bytes().decode("utf-8")))
+        except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{saved}: {_one_line(error)}") from None
         # Only the stopping rules may change on resume; everything else must match the run.
         train_config = train_config.replace(**{k: v for k, v in flags.items() if k in _STOPPING})
     else:

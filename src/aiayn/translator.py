@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,8 @@ class AttentionResult:
     decoder_self: Tensor  # [L_dec, H, T, T]
     cross: Tensor  # [L_dec, H, T, S]
     translation: str
+    source_ids: list[int] = field(default_factory=list)  # the ids of source_tokens
+    target_ids: list[int] = field(default_factory=list)  # the target pieces' ids (no BOS / EOS)
 
 
 def _check_sentences(sentences: list[str]) -> None:
@@ -238,6 +240,8 @@ class Translator:
             decoder_self=stack(decoder_out.self_attention),
             cross=stack(decoder_out.cross_attention),
             translation=self.tokenizer.decode(tgt_ids),
+            source_ids=list(src_ids),
+            target_ids=list(tgt_ids),
         )
 
 
