@@ -5,7 +5,17 @@ Shape legend:
     H heads, D head dim (d_k = d_v = d_model / H), E d_model.
 
 Mask convention (one for the whole project): boolean, True = may attend, broadcastable to
-[B, H, L, M]. Padding and look-ahead masks combine with `&`.
+[B, H, L, M]. Padding and look-ahead masks combine with `&`. A position bias (ALiBi, relative)
+joins them through `add_bias`, which gives a float mask: the bias where the boolean mask is True,
+-inf where it is False; every attention function here takes either kind.
+
+Positions inside attention (departures from the paper, which adds sinusoids to the embeddings;
+`ModelConfig.positional_encoding` picks one, for self-attention only):
+    rope      `rotate`: queries and keys rotated by their absolute position (Su et al. 2021)
+    alibi     `alibi_bias`: -m_h |i - j| added to the scores (Press et al. 2022)
+    relative  `relative_bias`: q_i . a_{clip(j - i)} added to the scores (Shaw et al. 2018)
+In encoder-decoder attention, queries and keys come from two sentences whose distance i - j means
+nothing, so it gets none of them: it takes its positions from the encoder and decoder states.
 """
 
 from __future__ import annotations
@@ -38,21 +48,113 @@ def causal_mask(query_len: int, key_len: int | None = None, *, device: torch.dev
     return (key_pos <= query_pos)[None, None]
 
 
+def add_bias(mask: Tensor | None, bias: Tensor | None) -> Tensor | None:
+    """A boolean mask and an additive score bias as one float mask (the bias, -inf where masked).
+
+    `F.scaled_dot_product_attention` adds a float mask to the scaled scores, so the fused kernels
+    take a position bias this way. mask [B or 1, 1, L or 1, M] bool, bias [B or 1, H, L, M] float
+    -> [B, H, L, M]; either may be None.
+    """
+    if bias is None:
+        return mask
+    if mask is None:
+        return bias
+    return torch.where(mask, bias, torch.tensor(float("-inf"), dtype=bias.dtype, device=bias.device))
+
+
+def apply_mask(scores: Tensor, mask: Tensor | None) -> Tensor:
+    """Scores with a boolean mask applied (-inf where False) or a float mask added."""
+    if mask is None:
+        return scores
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, float("-inf"))
+    return scores + mask
+
+
+# --- positions inside attention ----------------------------------------------------------------
+
+
+def rotate(x: Tensor, positions: Tensor) -> Tensor:
+    """RoPE (Su et al. 2021, "RoFormer", eq. 34): rotate each pair (x_2i, x_2i+1) by pos * theta_i.
+
+    theta_i = 10000^(-2i/D), the sinusoids' frequencies (section 3.5), pairs interleaved as in the
+    formula. A rotated query at i and key at j have the dot product q R_(j-i) k: it depends on the
+    distance j - i only, so the scores see relative positions though each vector is rotated by its
+    own absolute one (which is why a KV cache can store rotated keys).
+    x: [B, H, L, D]; positions: [L] -> [B, H, L, D]. Angles in float64, the result in x's dtype.
+    Raises:
+        ValueError: an odd head dimension.
+    """
+    head_dim = x.size(-1)
+    if head_dim % 2:
+        raise ValueError(f"rope needs an even head dimension, got {head_dim}")
+    inv_freq = torch.pow(10000.0, -torch.arange(0, head_dim, 2, dtype=torch.float64, device=x.device) / head_dim)
+    angles = positions.to(torch.float64)[:, None] * inv_freq  # [L, D/2]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    even, odd = x[..., 0::2], x[..., 1::2]  # [B, H, L, D/2] each
+    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)  # [B, H, L, D/2, 2]
+    return rotated.flatten(-2)  # [B, H, L, D]
+
+
+def alibi_slopes(n_heads: int) -> Tensor:
+    """ALiBi's head slopes m_h (Press et al. 2022, section 3): 2^(-8/n), 2^(-16/n), ..., 2^(-8).
+
+    For n not a power of 2, the paper's code: the slopes of the largest power of 2 below n, then
+    every other slope of twice that, until n. [H], float32.
+    """
+    def geometric(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
+
+    power = 2 ** math.floor(math.log2(n_heads))
+    slopes = geometric(power) + geometric(2 * power)[0::2][: n_heads - power]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(slopes: Tensor, query_positions: Tensor, key_positions: Tensor) -> Tensor:
+    """ALiBi's bias -m_h |i - j| for queries at positions i and keys at j: [H], [L], [M] -> [H, L, M].
+
+    In the decoder (causal) only j <= i is attended, where this is Press et al.'s -m_h (i - j);
+    the encoder, which attends both ways, gets the same penalty for a distance on either side.
+    """
+    distance = (query_positions[:, None] - key_positions[None, :]).abs()  # [L, M]
+    return -slopes[:, None, None] * distance.to(slopes.dtype)  # [H, L, M]
+
+
+def relative_indices(query_positions: Tensor, key_positions: Tensor, max_distance: int) -> Tensor:
+    """clip(j - i, -k, k) + k: the row of the relative table for each (query i, key j). [L, M]."""
+    offset = key_positions[None, :] - query_positions[:, None]  # [L, M]
+    return offset.clamp(-max_distance, max_distance) + max_distance
+
+
+def relative_bias(query: Tensor, table: Tensor, query_positions: Tensor, key_positions: Tensor) -> Tensor:
+    """Shaw et al. 2018, eq. 5's position term: q_i . a^K_(clip(j - i, -k, k)) / sqrt(D).
+
+    e_ij = q_i (k_j + a^K_ij)^T / sqrt(D) is the usual score plus this, so it is added to the scores
+    like a mask. query: [B, H, L, D]; table: a^K, [2k + 1, D], shared by the heads (as in the
+    paper); positions [L], [M] -> [B, H, L, M].
+    """
+    max_distance = (table.size(0) - 1) // 2
+    per_distance = query @ table.T  # [B, H, L, 2k + 1]
+    index = relative_indices(query_positions, key_positions, max_distance)  # [L, M]
+    index = index.expand(*query.shape[:2], -1, -1)  # [B, H, L, M]
+    return per_distance.gather(-1, index) / math.sqrt(query.size(-1))
+
+
 def reference_attention(
     query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = None, dropout_p: float = 0.0
 ) -> tuple[Tensor, Tensor]:
     """Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V, written out (equation 1).
 
     Args:
-        query: [B, H, L, D]; key, value: [B, H, M, D]; mask: bool, broadcastable to [B, H, L, M].
+        query: [B, H, L, D]; key, value: [B, H, M, D]; mask: bool (True = may attend) or float
+            (added to the scores, -inf = may not; see `add_bias`), broadcastable to [B, H, L, M].
         dropout_p: dropout on the attention weights (0 in eval).
     Returns:
         (output [B, H, L, D], weights [B, H, L, M]); the weights are those before dropout, so
         each row sums to 1 and masked keys get exactly 0.
     """
     scores = query @ key.transpose(-2, -1) / math.sqrt(query.size(-1))  # [B, H, L, M]
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+    scores = apply_mask(scores, mask)
     # Softmax in at least float32: bf16 / fp16 scores lose the small weights otherwise.
     weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
     weights = weights.to(query.dtype)
@@ -143,6 +245,9 @@ class KVCache:
         return self.keys.index_select(0, order), self.values.index_select(0, order)
 
 
+ATTENTION_POSITIONS = ("none", "rope", "alibi", "relative")
+
+
 class InProjection(nn.Linear):
     """W^Q, W^K, W^V of all heads stacked into one [3E, E] matrix, rows q | k | v.
 
@@ -171,24 +276,102 @@ class MultiHeadAttention(nn.Module):
     the memory's keys and values (the same layout as `torch.nn.MultiheadAttention`).
     """
 
-    def __init__(self, *, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True) -> None:
+    def __init__(
+        self, *, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True, positions: str = "none",
+        max_relative_distance: int = 16,
+    ) -> None:
+        """positions: "none" (the paper: positions come with the inputs), or, for self-attention,
+        "rope", "alibi" or "relative" (see the module docstring); max_relative_distance: k of
+        "relative" (Shaw et al. use 16)."""
         super().__init__()
         if d_model % n_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if positions not in ATTENTION_POSITIONS:
+            raise ValueError(f"positions must be one of {ATTENTION_POSITIONS}, got {positions!r}")
+        if positions == "rope" and (d_model // n_heads) % 2:
+            raise ValueError(f"rope needs an even head dimension, got {d_model // n_heads}")
+        if max_relative_distance < 1:
+            raise ValueError(f"max_relative_distance must be >= 1, got {max_relative_distance}")
         self.d_model = d_model
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
         self.dropout = dropout
+        self.positions = positions
         self.in_proj = InProjection(d_model, 3 * d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        # a^K of Shaw et al., one table per layer shared by its heads; learned like the embeddings.
+        self.relative_keys = (
+            nn.Parameter(torch.randn(2 * max_relative_distance + 1, self.head_dim) * self.head_dim**-0.5)
+            if positions == "relative" else None
+        )
         # Equation 1 itself; `aiayn.inference.prepare` hands a device-specific one to its copies.
         self.attend = scaled_dot_product_attention
 
     def _split_heads(self, x: Tensor) -> Tensor:
         batch, length, _ = x.shape
         return x.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, L, D]
+
+    def heads(self, query: Tensor, memory: Tensor | None = None, cache: KVCache | None = None
+              ) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-head queries, keys and values: Q W^Q_i, K W^K_i, V W^V_i (the first step of `forward`).
+
+        Self-attention (memory=None): from `query` [B, L, E]; with "rope", queries and keys rotated
+        at their absolute positions cache.length + 0..L-1 (`rotate`); with a cache, the new keys and
+        values are appended (keys rotated before caching) and all of them returned.
+        Encoder-decoder attention: queries from `query`, keys and values from `memory` [B / G, M, E]
+        (from the cache after the first step); G query rows sharing a memory row are one row of
+        G * L queries.
+        Returns:
+            q [B, H, L, D] ([B / G, H, G * L, D] with shared memory rows), k, v [B, H, M_total, D].
+        Raises:
+            ValueError: the query rows are not a multiple of the memory rows.
+        """
+        batch, length, _ = query.shape
+        if memory is None:  # self-attention
+            q, k, v = self.in_proj(query).chunk(3, dim=-1)  # 3 x [B, L, E]
+            q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
+            if self.positions == "rope":
+                offset = cache.length if cache is not None else 0
+                positions = torch.arange(offset, offset + length, device=query.device)  # [L]
+                q, k = rotate(q, positions), rotate(k, positions)
+            if cache is not None:
+                k, v = cache.append(k, v)  # [B, H, M_total, D]
+            return q, k, v
+        # encoder-decoder attention
+        memory_rows = memory.size(0)
+        if batch % memory_rows:
+            raise ValueError(f"{batch} query rows cannot share {memory_rows} memory rows")
+        # G rows sharing a memory row attend as one row of G * L queries: the keys and values
+        # are computed, cached and read once per source, not once per beam.
+        q = self.in_proj.query(query).view(memory_rows, batch // memory_rows * length, self.d_model)
+        q = self._split_heads(q)  # [B / G, H, G * L, D]
+        if cache is not None and cache.keys is not None:
+            k, v = cache.read()
+        else:
+            kv = self.in_proj.key_value(memory)  # [B / G, M, 2E]
+            k, v = (self._split_heads(t) for t in kv.chunk(2, dim=-1))
+            if cache is not None:  # stored contiguous: read by every decoding step
+                k, v = cache.append(k.contiguous(), v.contiguous())
+        return q, k, v
+
+    def position_bias(self, q: Tensor, key_len: int) -> Tensor | None:
+        """The additive score bias of self-attention ("alibi", "relative"; else None).
+
+        The L queries sit at the last L of the key positions 0..key_len-1 (as in `causal_mask`:
+        with a KV cache, the new queries follow the cached keys).
+        q: [B, H, L, D] (from `heads`) -> [1, H, L, M] (alibi) or [B, H, L, M] (relative), in q's dtype.
+        """
+        if self.positions not in ("alibi", "relative"):
+            return None
+        length = q.size(2)
+        key_positions = torch.arange(key_len, device=q.device)  # [M]
+        query_positions = key_positions[key_len - length:]  # [L]
+        if self.positions == "alibi":
+            slopes = alibi_slopes(self.n_heads).to(q.device)
+            return alibi_bias(slopes, query_positions, key_positions)[None].to(q.dtype)  # [1, H, L, M]
+        return relative_bias(q, self.relative_keys.to(q.dtype), query_positions, key_positions)
 
     def forward(
         self,
@@ -214,26 +397,9 @@ class MultiHeadAttention(nn.Module):
             ValueError: the query rows are not a multiple of the memory rows.
         """
         batch, length, _ = query.shape
-        if memory is None:  # self-attention
-            q, k, v = self.in_proj(query).chunk(3, dim=-1)  # 3 x [B, L, E]
-            q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
-            if cache is not None:
-                k, v = cache.append(k, v)  # [B, H, M_total, D]
-        else:  # encoder-decoder attention
-            memory_rows = memory.size(0)
-            if batch % memory_rows:
-                raise ValueError(f"{batch} query rows cannot share {memory_rows} memory rows")
-            # G rows sharing a memory row attend as one row of G * L queries: the keys and values
-            # are computed, cached and read once per source, not once per beam.
-            q = self.in_proj.query(query).view(memory_rows, batch // memory_rows * length, self.d_model)
-            q = self._split_heads(q)  # [B / G, H, G * L, D]
-            if cache is not None and cache.keys is not None:
-                k, v = cache.read()
-            else:
-                kv = self.in_proj.key_value(memory)  # [B / G, M, 2E]
-                k, v = (self._split_heads(t) for t in kv.chunk(2, dim=-1))
-                if cache is not None:  # stored contiguous: read by every decoding step
-                    k, v = cache.append(k.contiguous(), v.contiguous())
+        q, k, v = self.heads(query, memory, cache)
+        if memory is None:
+            mask = add_bias(mask, self.position_bias(q, k.size(2)))
         dropout_p = self.dropout if self.training else 0.0
         out, weights = self.attend(q, k, v, mask, dropout_p, need_weights, cache is not None)
         # Rows of G * L queries unfold back into G rows of L (a no-op when G = 1).

@@ -21,6 +21,24 @@ from aiayn.attention import KVCache, MultiHeadAttention, causal_mask, padding_ma
 from aiayn.config import ModelConfig
 
 # --- 3.5 Positional encoding -------------------------------------------------------------------
+#
+# `ModelConfig.positional_encoding` picks how the model learns word order. The paper adds a table
+# to the embeddings; the departures put positions inside self-attention (`aiayn.attention`), where
+# they reach the scores only, and the control gives none:
+#   "sinusoidal"  the paper: fixed sinusoids added to the embeddings (below)
+#   "learned"     one learned vector per position added (table 3 row E; Gehring et al. 2017)
+#   "rope"        queries and keys rotated by their position (Su et al. 2021): `attention.rotate`
+#   "alibi"       a linear penalty -m_h |i - j| on the scores (Press et al. 2022): `attention.alibi_bias`
+#   "relative"    Shaw et al. 2018's clipped relative keys, k = RELATIVE_DISTANCE: `attention.relative_bias`
+#   "none"        nothing (a control: the encoder then sees a bag of pieces; the decoder can still
+#                 count, through its causal mask)
+# The last four add nothing to the embeddings, and encoder-decoder attention takes none of them.
+# max_positions still bounds every kind's lengths (the search and the server rely on it).
+
+ADDED_ENCODINGS = ("sinusoidal", "learned")  # added to the embeddings; the others live in attention
+# Shaw et al.'s clipping distance k ("we use k = 16", section 4): beyond 16 pieces every distance
+# looks the same, which is also what lets the encoding run on sentences longer than the training ones.
+RELATIVE_DISTANCE = 16
 
 
 def sinusoidal_table(length: int, d_model: int) -> Tensor:
@@ -119,10 +137,11 @@ class EncoderLayer(nn.Module):
 
     def __init__(
         self, *, d_model: int, n_heads: int, d_ff: int, dropout: float, attention_dropout: float,
-        norm_first: bool,
+        norm_first: bool, attention_positions: str = "none",
     ) -> None:
         super().__init__()
-        self.self_attn = MultiHeadAttention(d_model=d_model, n_heads=n_heads, dropout=attention_dropout)
+        self.self_attn = MultiHeadAttention(d_model=d_model, n_heads=n_heads, dropout=attention_dropout,
+                                            positions=attention_positions, max_relative_distance=RELATIVE_DISTANCE)
         self.feed_forward = FeedForward(d_model=d_model, d_ff=d_ff)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
@@ -147,10 +166,11 @@ class DecoderLayer(nn.Module):
 
     def __init__(
         self, *, d_model: int, n_heads: int, d_ff: int, dropout: float, attention_dropout: float,
-        norm_first: bool,
+        norm_first: bool, attention_positions: str = "none",
     ) -> None:
         super().__init__()
-        self.self_attn = MultiHeadAttention(d_model=d_model, n_heads=n_heads, dropout=attention_dropout)
+        self.self_attn = MultiHeadAttention(d_model=d_model, n_heads=n_heads, dropout=attention_dropout,
+                                            positions=attention_positions, max_relative_distance=RELATIVE_DISTANCE)
         self.cross_attn = MultiHeadAttention(d_model=d_model, n_heads=n_heads, dropout=attention_dropout)
         self.feed_forward = FeedForward(d_model=d_model, d_ff=d_ff)
         self.norm1 = nn.LayerNorm(d_model)
@@ -273,13 +293,18 @@ class Transformer(nn.Module):
         self.output_projection = (
             None if c.share_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
         )
-        learned = c.positional_encoding == "learned"
-        positional = LearnedPositionalEncoding if learned else SinusoidalPositionalEncoding
-        self.positions = positional(d_model=c.d_model, max_positions=c.max_positions)
+        kind = c.positional_encoding
+        if kind == "sinusoidal":
+            self.positions = SinusoidalPositionalEncoding(d_model=c.d_model, max_positions=c.max_positions)
+        elif kind == "learned":
+            self.positions = LearnedPositionalEncoding(d_model=c.d_model, max_positions=c.max_positions)
+        else:  # rope / alibi / relative act in self-attention; none is the control
+            self.positions = None
         self.embed_dropout = nn.Dropout(c.dropout)  # section 5.4: dropout on embeddings + positions
         layer_args = dict(
             d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.dropout,
             attention_dropout=c.attention_dropout, norm_first=c.norm_first,
+            attention_positions=kind if kind in ("rope", "alibi", "relative") else "none",
         )
         self.encoder_layers = nn.ModuleList(EncoderLayer(**layer_args) for _ in range(c.n_encoder_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(**layer_args) for _ in range(c.n_decoder_layers))
@@ -299,6 +324,9 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def _embed(self, tokens: Tensor, embedding: Embeddings, offset: int = 0) -> Tensor:
+        if self.positions is None:
+            _check_positions(offset + tokens.size(1), self.config.max_positions)
+            return self.embed_dropout(embedding(tokens))  # [B, L, E]
         x = embedding(tokens) + self.positions(tokens.size(1), offset)  # [B, L, E]
         return self.embed_dropout(x.to(embedding.weight.dtype))  # float32 positions on bf16 weights
 

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from aiayn.attention import fast_attention, reference_attention
+from aiayn.attention import apply_mask, fast_attention, reference_attention
 
 
 def summed_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -28,8 +28,7 @@ def summed_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | N
     [B, H, L, M, D] products, and for long queries (the encoder) matrix products win.
     """
     scores = (query.unsqueeze(-2) * key.unsqueeze(-3)).sum(-1) / math.sqrt(query.size(-1))  # [B, H, L, M]
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+    scores = apply_mask(scores, mask)  # boolean, or float with a position bias (ALiBi, relative)
     weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
     return (weights.to(value.dtype).unsqueeze(-1) * value.unsqueeze(-3)).sum(-2)  # [B, H, L, D]
 

@@ -68,7 +68,8 @@ def prepare(model, *, precision: str, device: str | torch.device = "cpu", compil
     else:
         if precision == "bf16":
             model.to(torch.bfloat16)
-            model.positions.float()
+            if model.positions is not None:  # rope, alibi, relative and none add no table
+                model.positions.float()
         model = model.to(device)
     if compile and device.type == "cpu" and hardware.detect().cpp_compiler is None:
         warnings.warn("--compile needs a C++ compiler on the CPU (g++ or clang++, or set CXX); none was found, "
