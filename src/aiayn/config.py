@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
-POSITIONAL_ENCODINGS = ("sinusoidal", "learned")
+POSITIONAL_ENCODINGS = ("sinusoidal", "learned", "rope", "alibi", "relative", "none")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -78,7 +78,7 @@ class ModelConfig(_DictConfig):
     dropout: float = 0.1  # residual dropout P_drop (paper section 5.4)
     attention_dropout: float = 0.0  # on attention weights; not in the paper (tensor2tensor has it)
     max_positions: int = 1024
-    positional_encoding: str = "sinusoidal"  # paper section 3.5; "learned" is the departure
+    positional_encoding: str = "sinusoidal"  # paper section 3.5; the others are departures (aiayn.model)
     norm_first: bool = False  # False = post-norm LayerNorm(x + Sublayer(x)) as in the paper
     share_embeddings: bool = True  # source, target and pre-softmax weights tied (section 3.4)
     pad_id: int = PAD_ID

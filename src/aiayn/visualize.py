@@ -371,12 +371,16 @@ def plot_positional_encoding(
     similarity: bool = False,
     title: str | None = None,
     dpi: int = 100,
+    first_row: int = 0,
+    row_label: str = "position",
 ) -> Path:
     """Heatmap of a positional-encoding table (position x dimension), written as a PNG.
 
     Args:
         table: [P, E], e.g. `sinusoidal_table(100, 512)` or a model's learned `positions.weight`.
         similarity: add a second panel with the cosine similarity between positions [P, P].
+        first_row, row_label: what row 0 stands for and the rows' name (Shaw et al.'s relative
+            table: rows are the distances j - i from -k).
     Returns:
         The path written.
     Raises:
@@ -400,15 +404,57 @@ def plot_positional_encoding(
         else:
             table_ax, sim_ax = figure.subplots(1, 1), None
         limit = float(table.abs().max()) or 1.0
+        extent = (-0.5, d_model - 0.5, first_row + n_positions - 0.5, first_row - 0.5)
         image = table_ax.imshow(table.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit,
-                                aspect="auto", interpolation="nearest")
-        table_ax.set(xlabel="dimension", ylabel="position", title=f"encoding [{n_positions} x {d_model}]")
+                                aspect="auto", interpolation="nearest", extent=extent)
+        table_ax.set(xlabel="dimension", ylabel=row_label, title=f"encoding [{n_positions} x {d_model}]")
         figure.colorbar(image, ax=table_ax, label="value")
         if sim_ax is not None:
+            sim_extent = (first_row - 0.5, first_row + n_positions - 0.5) + extent[2:]
             image = sim_ax.imshow(position_similarity(table).numpy(), cmap="viridis", vmin=-1.0, vmax=1.0,
-                                  interpolation="nearest")
-            sim_ax.set(xlabel="position", ylabel="position", title="cosine similarity")
+                                  interpolation="nearest", extent=sim_extent)
+            sim_ax.set(xlabel=row_label, ylabel=row_label, title="cosine similarity")
             figure.colorbar(image, ax=sim_ax)
+        if title:
+            figure.suptitle(_wrap_to_width(title, figure), parse_math=False)
+        figure.savefig(out, dpi=dpi, format="png")
+    return out
+
+
+def plot_position_bias(bias: Tensor, *, out: str | Path, title: str | None = None, dpi: int = 100) -> Path:
+    """One heatmap per head of an additive score bias (ALiBi's -m_h |i - j|), written as a PNG.
+
+    Args:
+        bias: [H, L, M], query position x key position, e.g. `attention.alibi_bias(...)`.
+    Returns:
+        The path written.
+    Raises:
+        ValueError: bias is not 3-D or is empty.
+        ImportError: matplotlib is not installed.
+    """
+    bias = bias.detach().float().cpu()
+    if bias.dim() != 3 or bias.numel() == 0:
+        raise ValueError(f"bias must be a non-empty [heads, queries, keys] tensor, got {tuple(bias.shape)}")
+    mpl = require_matplotlib()
+    n_heads = bias.size(0)
+    n_cols = min(n_heads, 4)
+    n_rows = -(-n_heads // n_cols)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    low = float(bias.min()) or -1.0
+    with mpl.rc_context({"font.family": [DEFAULT_FONT]}):
+        figure = mpl.figure.Figure(figsize=(3.2 * n_cols + 1.0, 3.0 * n_rows + 0.8), dpi=dpi, layout="constrained")
+        mpl.backends.backend_agg.FigureCanvasAgg(figure)
+        axes = figure.subplots(n_rows, n_cols, squeeze=False)
+        image = None
+        for head in range(n_rows * n_cols):
+            ax = axes[head // n_cols][head % n_cols]
+            if head >= n_heads:
+                ax.set_axis_off()
+                continue
+            image = ax.imshow(bias[head].numpy(), cmap="viridis", vmin=low, vmax=0.0, interpolation="nearest")
+            ax.set(title=f"head {head}", xlabel="key position j", ylabel="query position i")
+        figure.colorbar(image, ax=axes, label="bias added to the score")
         if title:
             figure.suptitle(_wrap_to_width(title, figure), parse_math=False)
         figure.savefig(out, dpi=dpi, format="png")
@@ -417,5 +463,5 @@ def plot_positional_encoding(
 
 __all__ = [
     "KINDS", "attention_figsize", "font_families", "plot_attention", "plot_attention_result",
-    "plot_positional_encoding", "position_similarity", "require_matplotlib",
+    "plot_position_bias", "plot_positional_encoding", "position_similarity", "require_matplotlib",
 ]
