@@ -287,6 +287,19 @@ def test_serve_on_a_port_in_use_says_so_before_loading(run_dir, capsys, monkeypa
     assert f"cannot listen on 127.0.0.1:{port}" in _one_error_line(capsys)
 
 
+def test_serve_limits_from_the_command_line(run_dir, capsys, monkeypatch):
+    pytest.importorskip("uvicorn")
+    seen = {}
+    monkeypatch.setattr("aiayn.server.serve", lambda *args, **kwargs: seen.update(kwargs))
+    assert main(["serve", "--model", str(run_dir), "--port", "0", "--max-queue", "7", "--request-timeout", "2.5",
+                 "--keep-alive", "3", "--max-attention-weights", "5000"]) == 0
+    limits = seen["limits"]
+    assert (limits.max_queue, limits.request_timeout_s, limits.keep_alive_s, limits.max_attention_weights,
+            limits.max_chars) == (7, 2.5, 3, 5000, 1000)
+    assert main(["serve", "--model", str(run_dir), "--port", "0", "--max-queue", "0"]) == 2
+    assert "max_queue must be a positive int, got 0" in _one_error_line(capsys)
+
+
 def test_an_unexpected_exception_is_one_line_with_status_1(monkeypatch, capsys):
     def broken(args):
         raise TypeError("a defect")

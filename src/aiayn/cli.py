@@ -275,16 +275,37 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-batching", action="store_true", help="one model call per request (baseline)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     _add_precision_options(p)
+    from aiayn.server import ServerLimits
+
+    limits = p.add_argument_group("limits (what exceeds them is refused with 413, 422 or 503 before the model)")
+    defaults = ServerLimits()
+    for flag, field, kind, text in (
+        ("--max-queue", "max_queue", int, "requests waiting for the model; one more gets 503 + Retry-After"),
+        ("--request-timeout", "request_timeout_s", float, "seconds from a request's arrival to its answer"),
+        ("--max-connections", "max_connections", int, "open connections"),
+        ("--keep-alive", "keep_alive_s", int, "seconds an idle keep-alive connection stays open"),
+        ("--read-timeout", "read_timeout_s", float, "seconds for a request's headers and body to arrive"),
+        ("--max-body-bytes", "max_body_bytes", int, "request body size"),
+        ("--max-chars", "max_chars", int, "characters per sentence"),
+        ("--max-texts", "max_texts", int, "sentences per /translate request"),
+        ("--max-attention-chars", "max_attention_chars", int, "characters of an /attention sentence"),
+        ("--max-attention-weights", "max_attention_weights", int, "numbers in an /attention response"),
+    ):
+        limits.add_argument(flag, dest=field, type=kind, default=getattr(defaults, field),
+                            help=f"{text} (default {getattr(defaults, field):g})")
     p.set_defaults(handler=_run_serve)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from aiayn.server import serve
+    import dataclasses
 
+    from aiayn.server import ServerLimits, serve
+
+    limits = ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
     _check_port(args.host, args.port)
     serve(args.model, host=args.host, port=args.port, max_batch_sentences=args.max_batch_sentences,
           max_wait_ms=args.max_wait_ms, batching=not args.no_batching, device=args.device,
-          precision=args.precision, compile=args.compile)
+          precision=args.precision, compile=args.compile, limits=limits)
     return 0
 
 
