@@ -119,6 +119,20 @@ def test_page_translates_and_draws_the_cross_attention_heatmap(
             assert page.locator("#heatmap td.cell").count() == cols * cols
 
             page.select_option("#kind", value="cross")
+
+            # The step-by-step walk of the same pair: its selectors fetch each layer; the softmax
+            # step of a head shows that head's attention map.
+            assert page.locator("#walk .step").count() > 10
+            page.select_option("#explain-kind", "cross")
+            page.select_option("#explain-layer", "1")
+            page.select_option("#explain-head", "2")
+            page.wait_for_selector("#explain-steps[data-kind=cross][data-layer='1'][data-head='2']")
+            cells = page.locator("#walk .step").filter(has_text="10. softmax").locator("td")
+            assert cells.count() == rows * cols
+            titles = cells.evaluate_all("cells => cells.map(c => c.title)")
+            walked = [float(title.rsplit(": ", 1)[1]) for title in titles[:cols]]
+            assert walked == pytest.approx(weights["cross"][1][2][0], abs=2e-4)
+            assert page.locator("#explain-next tr").count() == rows
             screenshot = page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
             if os.environ.get("AIAYN_SCREENSHOT"):
                 Path(os.environ["AIAYN_SCREENSHOT"]).write_bytes(screenshot)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi", reason="serving needs the optional extra aiayn[serve]")
 httpx = pytest.importorskip("httpx", reason="the server tests need httpx")
@@ -171,6 +172,29 @@ def test_attention_with_a_forced_target_matches_the_translator(client, reference
     assert body["target_tokens"] == list(expected.target_tokens)
     assert body["source_tokens"] == list(expected.source_tokens)
     assert body["cross"] == expected.cross.double().round(decimals=4).tolist()
+
+
+def test_explain_walks_one_layer_with_the_attention_maps_numbers(client, reference) -> None:
+    target = "A man rides a bike."
+    expected = reference.attention(SENTENCES[0], target)
+    for kind, key in (("cross", "cross"), ("encoder", "encoder_self"), ("decoder", "decoder_self")):
+        response = client.post("/explain", json={"text": SENTENCES[0], "target": target, "kind": kind, "layer": 1})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["target_tokens"] == list(expected.target_tokens)
+        assert body["kinds"][kind][0] is None  # one layer at a time: the response stays bounded
+        walk = body["kinds"][kind][1]
+        for head in range(len(walk["heads"])):
+            weights = torch.tensor(walk["heads"][head]["weights"], dtype=torch.float64)
+            assert torch.allclose(weights, getattr(expected, key)[1, head].double(), atol=1e-4)
+        assert len(body["next_pieces"]) == len(expected.target_tokens)
+    response = client.post("/explain", json={"text": SENTENCES[0], "kind": "cross", "layer": 5})
+    assert response.status_code == 422 and "layer 5 out of range" in _message(response)
+    response = client.post("/explain", json={"text": SENTENCES[0], "kind": "sideways"})
+    assert response.status_code == 422
+    response = client.post("/explain", json={"text": "Ein Mann " * 10})  # 90 chars: within the limit
+    assert response.status_code == 422 and "numbers" in _message(response)  # but a walk over 100 000
+    assert client.get("/explain.js").headers["content-type"].startswith("text/javascript")
 
 
 def test_page_is_self_contained(client) -> None:

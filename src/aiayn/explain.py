@@ -221,15 +221,19 @@ def _walk_decoder_layer(layer, index: int, x: Tensor, memory: Tensor, input_toke
     return LayerWalk("decoder", index, [masked, cross], hidden, ffn, layer.norm3(cross.add_norm + ffn))
 
 
-def explain(model, tokenizer, source: str, target: str | None = None, *, top: int = 5) -> Explanation:
+def explain(model, tokenizer, source: str, target: str | None = None, *, top: int = 5,
+            maps: Any = None) -> Explanation:
     """Walk `source` (and its translation) through `model`, step by step, in float64.
 
     The target is `target` (its pieces), or by default the model's own translation: exactly the
     one `Translator.attention` uses (beam 4, length penalty 0.6, on a float32 copy), so that the
     numbers match the heatmaps of `aiayn attention` and the web page. The model itself is left as
-    it is (the walk runs on a float64 copy). Every step is checked against the copy's own forward
-    pass and the attention weights also against the float32 maps: the largest absolute difference
-    of each check is in `differences`.
+    it is (the walk runs on a float64 copy; a float64 model is used as it is). Every step is
+    checked against the float64 model's own forward pass and the attention weights also against
+    the float32 maps: the largest absolute difference of each check is in `differences`.
+
+    `maps`: the `AttentionResult` of this pair from a Translator the caller already has (the
+    server's); by default a float32 `Translator` of `model` computes it.
 
     Raises:
         ValueError: an empty source, or a model whose positional encoding has no table to add
@@ -243,12 +247,14 @@ def explain(model, tokenizer, source: str, target: str | None = None, *, top: in
     if config.positional_encoding not in ("sinusoidal", "learned"):
         raise ValueError(f"explain walks models with a position table added to the embeddings (sinusoidal, "
                          f"learned), not {config.positional_encoding!r}")
-    device = next(model.parameters()).device
-    # The heatmaps' own numbers: Translator.attention on a float32 copy (the model is untouched).
-    maps = Translator(model, tokenizer, device=device, precision="fp32").attention(source, target)
+    first = next(model.parameters())
+    device = first.device
+    if maps is None:  # the heatmaps' own numbers: Translator.attention on a float32 copy
+        maps = Translator(model, tokenizer, device=device, precision="fp32").attention(source, target)
     src_ids, tgt_ids = maps.source_ids, maps.target_ids
 
-    model64 = copy.deepcopy(model).to(device=device, dtype=torch.float64).eval()
+    model64 = model if first.dtype == torch.float64 and not model.training else (
+        copy.deepcopy(model).to(device=device, dtype=torch.float64).eval())
     src = torch.tensor([src_ids], dtype=torch.long, device=device)  # [1, S]
     tgt_in = torch.tensor([[config.bos_id] + tgt_ids], dtype=torch.long, device=device)  # [1, T]
     source_tokens, input_tokens, rows = maps.source_tokens, maps.target_input_tokens, maps.target_tokens
@@ -450,9 +456,12 @@ def walk_json(explanation: Explanation, kind: str, layer: int, head: int) -> dic
 HTML_COLUMNS = 64  # d_model- and d_ff-wide matrices are cut to their first 64 columns in the page
 
 
-def page_data(explanation: Explanation, decimals: int = 4) -> dict[str, Any]:
+def page_data(
+    explanation: Explanation, decimals: int = 4, only: tuple[str, int] | None = None
+) -> dict[str, Any]:
     """Everything the HTML page (and the server's walk) shows, as plain lists: every kind, layer
-    and head; matrices as wide as d_model or d_ff cut to their first HTML_COLUMNS columns."""
+    and head; matrices as wide as d_model or d_ff cut to their first HTML_COLUMNS columns.
+    With `only` = (kind, layer), the other layers are null (the server sends one at a time)."""
 
     def plain(tensor: Tensor, cut: bool = False) -> list:
         return _round((tensor[..., :HTML_COLUMNS] if cut else tensor).tolist(), decimals)
@@ -466,8 +475,12 @@ def page_data(explanation: Explanation, decimals: int = 4) -> dict[str, Any]:
     kinds: dict[str, list] = {kind: [] for kind in KINDS}
     for layer_walk in explanation.layers:
         for sub in layer_walk.attention:
+            if only is not None and (sub.kind, sub.layer) != only:
+                kinds[sub.kind].append(None)
+                continue
             kinds[sub.kind].append({
                 "heads": [head_data(head) for head in sub.heads],
+                "layer_input": plain(layer_walk.attention[0].input, True),  # X of the layer
                 "input": plain(sub.input, True), "concat": plain(sub.concat, True),
                 "projected": plain(sub.projected, True), "add_norm": plain(sub.add_norm, True),
                 "ffn_hidden": plain(layer_walk.ffn_hidden, True), "ffn_output": plain(layer_walk.ffn_output, True),
@@ -510,20 +523,19 @@ renderExplanation(document.getElementById("explain"),
     Path(path).write_text(page, encoding="utf-8")
 
 
-EXPLAIN_CSS = """
-body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
-.controls label { margin-right: 1em; }
-.step { margin: 1.2em 0; }
-.step h3 { font-size: 1em; margin: 0 0 .3em 0; }
-.step code { color: #555; font-size: .9em; }
-table.heat { border-collapse: collapse; font-size: 11px; }
-table.heat td, table.heat th { padding: 1px 4px; text-align: right; white-space: nowrap; }
-table.heat th { font-weight: normal; color: #444; }
-table.heat td { min-width: 2.2em; color: transparent; }
-table.heat.values td { color: #000; }
-.note { color: #555; font-size: .9em; }
-"""
+EXPLAIN_CSS = "body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }"  # tables: explain.js
+
+
+def page_numbers(config, source_len: int, target_len: int) -> int:
+    """An upper bound on the numbers `page_data(..., only=(kind, layer))` holds for a pair of
+    `source_len` and `target_len` (+1) pieces: one layer's heads and matrices, embeddings and
+    positions (the server bounds its /explain responses with it)."""
+    length = max(source_len, target_len)
+    per_head = 4 * length * config.head_dim + 4 * length * length
+    wide = 7 * length * HTML_COLUMNS + 4 * length * HTML_COLUMNS
+    return config.n_heads * per_head + wide + 5 * length
 
 
 __all__ = ["KINDS", "Explanation", "HeadWalk", "LayerWalk", "SublayerWalk", "explain", "format_matrix",
-           "format_walk", "page_data", "walk_json", "write_html"]
+           "format_walk", "page_data", "page_numbers", "walk_json",
+           "write_html"]

@@ -475,7 +475,13 @@ def create_app(
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse
 
-    from aiayn.server_schemas import AttentionRequest, AttentionResponse, TranslateRequest, TranslateResponse
+    from aiayn.server_schemas import (
+        AttentionRequest,
+        AttentionResponse,
+        ExplainRequest,
+        TranslateRequest,
+        TranslateResponse,
+    )
 
     limits = limits or ServerLimits()
     worker = BatchingWorker(
@@ -623,6 +629,58 @@ def create_app(
             "decoder_self": _rounded(result.decoder_self),
         }
 
+    explain_model: list = []  # the float64 model of the walk, loaded on the first /explain
+
+    def explain_call(body: Any) -> dict:
+        """Runs on the worker: one kind and layer of the walk (`aiayn.explain`), for the pair the
+        heatmaps show; refused when its numbers would exceed max_attention_weights."""
+        from aiayn.checkpoint import load_model
+        from aiayn.explain import page_data, page_numbers
+        from aiayn.explain import explain as walk
+
+        config = translator.model.config
+        if config.positional_encoding not in ("sinusoidal", "learned"):
+            raise RequestRefused(f"the walk needs a position table; this model uses "
+                                 f"{config.positional_encoding!r}")
+        if getattr(translator, "model_dir", None) is None:
+            raise RequestRefused("the walk needs the model directory (serve it with `aiayn serve --model DIR`)")
+        layers = config.n_encoder_layers if body.kind == "encoder" else config.n_decoder_layers
+        if body.layer >= layers:
+            raise RequestRefused(f"layer {body.layer} out of range: the model has {layers} {body.kind} layers")
+
+        def check(source_len: int, target_len: int, known: bool) -> None:
+            numbers = page_numbers(config, source_len, target_len)
+            if numbers > limits.max_attention_weights:
+                raise RequestRefused(
+                    f"the walk of this sentence pair holds {'' if known else 'at least '}{numbers} numbers "
+                    f"({source_len} source and {target_len} target pieces); the limit is "
+                    f"{limits.max_attention_weights}: send a shorter sentence")
+
+        source_len = min(len(translator.tokenizer.encode(body.text)), config.max_positions)
+        target_len = 1 if body.target is None else len(translator.tokenizer.encode(body.target)) + 1
+        check(source_len, target_len, known=body.target is not None)
+        maps = translator.attention(body.text, body.target)  # the pair the heatmaps show
+        check(len(maps.source_tokens), len(maps.target_tokens), known=True)
+        if not explain_model:
+            model, tokenizer, _ = load_model(translator.model_dir)
+            explain_model.append((model.double().eval(), tokenizer))
+        model, tokenizer = explain_model[0]
+        return page_data(walk(model, tokenizer, body.text, body.target, maps=maps), only=(body.kind, body.layer))
+
+    @app.post("/explain")
+    async def explain(body: ExplainRequest, request: Request) -> dict:
+        """One sentence pair through the model, step by step (`aiayn explain`): for the chosen kind
+        and layer, every head's Q, K, V, scores, scaled scores, mask, weights and output, then
+        Concat, W^O, Add & Norm, FFN; the embeddings, positions and next-piece distribution. Other
+        layers are null (ask for them one at a time). At most `max_attention_weights` numbers."""
+        if not body.text.strip():
+            raise HTTPException(422, "'text' is empty; the walk needs a source sentence")
+        check_lengths([body.text], limits.max_attention_chars)
+        if body.target is not None:
+            check_lengths([body.target], limits.max_attention_chars)
+        job = enqueue(worker.submit_call, lambda: explain_call(body))
+        return await answer(job, "explain", request)
+
     @app.get("/health")
     async def health() -> dict:
         """Liveness and counters (`model_calls` < `requests` shows micro-batching at work;
@@ -669,6 +727,10 @@ def create_app(
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    @app.get("/explain.js", include_in_schema=False)
+    async def explain_script() -> FileResponse:
+        return FileResponse(STATIC_DIR / "explain.js", media_type="text/javascript")
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Any, error: RequestValidationError) -> JSONResponse:

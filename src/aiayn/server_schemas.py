@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from aiayn.config import DecodeConfig
@@ -71,6 +73,12 @@ class AttentionRequest(BaseModel):
             check_encodable(self.target, "target")
         return self
 
+class ExplainRequest(AttentionRequest):
+    kind: Literal["encoder", "decoder", "cross"] = Field(
+        "encoder", description="which attention: encoder self, decoder masked self, or encoder-decoder")
+    layer: int = Field(0, ge=0, description="0-based layer of that kind")
+
+
 class AttentionResponse(BaseModel):
     translation: str
     source_tokens: list[str]
@@ -83,4 +91,5 @@ class AttentionResponse(BaseModel):
     )
 
 
-__all__ = ["AttentionRequest", "AttentionResponse", "Hypothesis", "TranslateRequest", "TranslateResponse"]
+__all__ = ["AttentionRequest", "AttentionResponse", "ExplainRequest", "Hypothesis", "TranslateRequest",
+           "TranslateResponse"]

@@ -89,6 +89,7 @@ class Translator:
         self.step = beam_step_for(self.device)  # for beam_search(step=...); None: the search's own
         self.tokenizer = tokenizer
         self.info = dict(info or {})
+        self.model_dir: Path | None = None  # set by `load`: where the original weights are (for `explain`)
 
     @classmethod
     def load(
@@ -111,7 +112,9 @@ class Translator:
             check_precision(precision, device)
         hardware.check_device(device)
         model, tokenizer, info = load_model(model_dir, device)
-        return cls(model, tokenizer, device=device, precision=precision, compile=compile, info=info)
+        translator = cls(model, tokenizer, device=device, precision=precision, compile=compile, info=info)
+        translator.model_dir = Path(model_dir)
+        return translator
 
     @property
     def max_source_len(self) -> int:

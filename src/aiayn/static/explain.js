@@ -3,7 +3,28 @@
 // the server's web page. No dependencies, no network.
 "use strict";
 
-function renderExplanation(root, data) {
+const EXPLAIN_STYLE = `
+.explain .controls label { margin-right: 1em; }
+.explain .step { margin: 1.2em 0; }
+.explain .step h3 { font-size: 1em; margin: 0 0 .3em 0; }
+.explain .step code { color: #555; font-size: .9em; }
+.explain table.heat { border-collapse: collapse; font-size: 11px; }
+.explain table.heat td, .explain table.heat th { padding: 1px 4px; text-align: right; white-space: nowrap; }
+.explain table.heat th { font-weight: normal; color: #444; }
+.explain table.heat td { min-width: 2.2em; color: transparent; }
+.explain table.heat.values td { color: #000; }
+.explain .note { color: #555; font-size: .9em; }`;
+
+// data: `aiayn.explain.page_data`; a layer that is null is asked for with fetchLayer(kind, layer),
+// which returns a page_data holding it (the server sends one layer at a time).
+function renderExplanation(root, data, fetchLayer = null) {
+  if (!document.getElementById("explain-style")) {
+    const style = document.createElement("style");
+    style.id = "explain-style";
+    style.textContent = EXPLAIN_STYLE;
+    document.head.append(style);
+  }
+  root.classList.add("explain");
   const KIND_NAMES = {
     encoder: "encoder self-attention",
     decoder: "decoder masked self-attention",
@@ -102,6 +123,18 @@ function renderExplanation(root, data) {
     const layer = Number(layerBox.value);
     const head = Number(headBox.value);
     const walk = layers[layer];
+    if (!walk) {
+      steps.innerHTML = "";
+      steps.removeAttribute("data-kind");
+      steps.append(el("p", { class: "note" }, fetchLayer ? "computing this layer..." : "this layer is not included"));
+      if (fetchLayer) {
+        fetchLayer(kind, layer).then((fresh) => {
+          data.kinds[kind][layer] = fresh.kinds[kind][layer];
+          render();
+        }).catch((error) => { steps.textContent = String(error.message || error); });
+      }
+      return;
+    }
     const h = walk.heads[head];
     const side = kind === "encoder" ? "source" : "target";
     const tokens = side === "source" ? data.source_tokens : data.target_input_tokens;
@@ -118,8 +151,7 @@ function renderExplanation(root, data) {
            wide(data.positions[side]), false, cut);
     }
     step(3, `X: the input of ${kind === "encoder" ? "encoder" : "decoder"} layer ${layer}`, "x",
-         kind === "cross" ? data.kinds.decoder[layer].input : walk.input, tokens,
-         wide(walk.input), false, cut);
+         walk.layer_input, tokens, wide(walk.layer_input), false, cut);
     if (kind === "cross") {
       step("3b", "queries: the decoder after its masked self-attention (Add & Norm)", "", walk.input,
            h.query_tokens, wide(walk.input), false, cut);
