@@ -34,7 +34,9 @@ def _model(tokenizer, **overrides) -> Transformer:
 
 
 @pytest.mark.parametrize("overrides", [{}, {"norm_first": True}, {"positional_encoding": "learned",
-                                                                   "share_embeddings": False}])
+                                                                   "share_embeddings": False},
+                                       {"positional_encoding": "rope"}, {"positional_encoding": "alibi"},
+                                       {"positional_encoding": "relative"}, {"positional_encoding": "none"}])
 def test_each_step_reproduces_the_next_and_the_model(tokenizer, overrides):
     model = _model(tokenizer, **overrides)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -48,7 +50,10 @@ def test_each_step_reproduces_the_next_and_the_model(tokenizer, overrides):
                 assert h.query.dtype == torch.float64 and h.d_k == 8
                 torch.testing.assert_close(h.scores, h.query @ h.key.T, rtol=0, atol=1e-12)
                 torch.testing.assert_close(h.scaled, h.scores / math.sqrt(8), rtol=0, atol=1e-12)
-                masked = h.scaled if h.mask is None else h.scaled.masked_fill(~h.mask, -math.inf)
+                biased = h.scaled if h.bias is None else h.scaled + h.bias
+                assert (h.bias is not None) == (overrides.get("positional_encoding") in ("alibi", "relative")
+                                                and kind != "cross")
+                masked = biased if h.mask is None else biased.masked_fill(~h.mask, -math.inf)
                 torch.testing.assert_close(h.weights, torch.softmax(masked, -1), rtol=0, atol=1e-12)
                 torch.testing.assert_close(h.output, h.weights @ h.value, rtol=0, atol=1e-12)
                 if kind == "decoder":  # the look-ahead mask: row t sees keys 0..t
@@ -138,6 +143,9 @@ def test_the_terminal_walk_names_every_step(tokenizer):
     assert "1. embedding x sqrt(d_model)" in first and "2. positional encoding" in first
     with pytest.raises(ValueError, match="layer 2 out of range"):
         walk.head("cross", 2, 0)
+    alibi = explain(_model(tokenizer, positional_encoding="alibi"), tokenizer, SOURCE, "two dogs .")
+    text = format_walk(alibi, "encoder", 0, 1)
+    assert "2. no position table: ALiBi" in text and "8b. + position bias (ALiBi" in text
 
 
 def test_cli_explain_writes_json_and_html(tokenizer, tmp_path, capsys):

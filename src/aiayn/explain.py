@@ -58,6 +58,8 @@ class HeadWalk:
     mask: Tensor | None
     weights: Tensor
     output: Tensor
+    # ALiBi / relative positions (departures): the additive bias of the scaled scores, else None
+    bias: Tensor | None = None
 
     def to_dict(self, decimals: int | None = None) -> dict[str, Any]:
         """Plain lists (the `--json` format); `decimals` rounds the floats."""
@@ -72,6 +74,7 @@ class HeadWalk:
             "query": plain(self.query), "key": plain(self.key), "value": plain(self.value),
             "scores": plain(self.scores), "scaled": plain(self.scaled),
             "mask": None if self.mask is None else self.mask.tolist(),
+            "bias": None if self.bias is None else plain(self.bias),
             "weights": plain(self.weights), "output": plain(self.output),
         }
 
@@ -113,7 +116,8 @@ class Explanation:
     d_model: int
     n_heads: int
     embeddings: dict[str, Tensor]  # "source" / "target": token embedding x sqrt(d_model) [L, E]
-    positions: dict[str, Tensor]  # "source" / "target": positional encoding [L, E]
+    positions: dict[str, Tensor]  # "source" / "target": positional encoding [L, E]; {} without a table
+    positional_encoding: str  # the model's kind (`ModelConfig.positional_encoding`)
     layers: list[LayerWalk]  # encoder layers, then decoder layers
     next_pieces: list[list[tuple[str, float]]]  # per decoder row: the top pieces and probabilities
     probabilities: Tensor  # [T, V] softmax of the final logits (float64)
@@ -156,25 +160,26 @@ def _walk_attention(
     attention: MultiHeadAttention, kind: str, layer: int, queries: Tensor, keys_from: Tensor,
     mask: Tensor | None, query_tokens: list[str], key_tokens: list[str],
 ) -> SublayerWalk:
-    """Equation 1 for every head, then Concat and W^O, from the module's weights (section 3.2.2)."""
-    E, H = attention.d_model, attention.n_heads
-    D = E // H
-    weight, bias = attention.in_proj.weight, attention.in_proj.bias  # [3E, E] rows W^Q | W^K | W^V
-    w_q, w_k, w_v = weight[:E], weight[E : 2 * E], weight[2 * E :]
-    b_q, b_k, b_v = (bias[:E], bias[E : 2 * E], bias[2 * E :]) if bias is not None else (0.0, 0.0, 0.0)
-    Q = queries @ w_q.T + b_q  # [Lq, E]: all heads, head i in columns i*D .. (i+1)*D
-    K = keys_from @ w_k.T + b_k  # [Lk, E]
-    V = keys_from @ w_v.T + b_v  # [Lk, E]
+    """Equation 1 for every head, then Concat and W^O, from the module's weights (section 3.2.2).
+
+    Q, K, V come from the module's own `heads` (x W^Q_i etc.; with RoPE rotated at their
+    positions), and self-attention's position bias (ALiBi, relative) from its `position_bias`."""
+    self_attention = keys_from is queries
+    memory = None if self_attention else keys_from[None]
+    q_all, k_all, v_all = attention.heads(queries[None], memory)  # [1, H, L, D]
+    bias = attention.position_bias(q_all, k_all.size(2)) if self_attention else None  # [1, H, Lq, Lk]
+    D = attention.head_dim
     heads = []
-    for h in range(H):
-        columns = slice(h * D, (h + 1) * D)
-        q, k, v = Q[:, columns], K[:, columns], V[:, columns]  # [Lq, D], [Lk, D], [Lk, D]
+    for h in range(attention.n_heads):
+        q, k, v = q_all[0, h], k_all[0, h], v_all[0, h]  # [Lq, D], [Lk, D], [Lk, D]
         scores = q @ k.T  # [Lq, Lk]
         scaled = scores / math.sqrt(D)
-        masked = scaled if mask is None else scaled.masked_fill(~mask, float("-inf"))
+        head_bias = None if bias is None else bias[0, h]
+        biased = scaled if head_bias is None else scaled + head_bias
+        masked = biased if mask is None else biased.masked_fill(~mask, float("-inf"))
         weights = torch.softmax(masked, dim=-1)
         heads.append(HeadWalk(kind, layer, h, query_tokens, key_tokens, D, q, k, v, scores, scaled, mask,
-                              weights, weights @ v))
+                              weights, weights @ v, head_bias))
     concat = torch.cat([head.output for head in heads], dim=-1)  # [Lq, E]
     projected = attention.out_proj(concat)
     return SublayerWalk(kind, layer, queries, heads, concat, projected, projected)  # add_norm set by caller
@@ -236,17 +241,13 @@ def explain(model, tokenizer, source: str, target: str | None = None, *, top: in
     server's); by default a float32 `Translator` of `model` computes it.
 
     Raises:
-        ValueError: an empty source, or a model whose positional encoding has no table to add
-            (the walk shows embedding + position table, the paper's section 3.5).
+        ValueError: an empty source.
     """
     from aiayn.translator import Translator
 
     if not isinstance(source, str) or not source.strip():
         raise ValueError("explain needs a non-empty source sentence")
     config = model.config
-    if config.positional_encoding not in ("sinusoidal", "learned"):
-        raise ValueError(f"explain walks models with a position table added to the embeddings (sinusoidal, "
-                         f"learned), not {config.positional_encoding!r}")
     first = next(model.parameters())
     device = first.device
     if maps is None:  # the heatmaps' own numbers: Translator.attention on a float32 copy
@@ -263,15 +264,17 @@ def explain(model, tokenizer, source: str, target: str | None = None, *, top: in
     with torch.no_grad():
         # Section 3.4 / 3.5: token embedding x sqrt(d_model), plus the positional encoding.
         embeddings = {"source": model64.src_embedding(src)[0], "target": target_embedding(tgt_in)[0]}
-        positions = {"source": model64.positions(src.size(1)).double(),
-                     "target": model64.positions(tgt_in.size(1)).double()}
+        # RoPE, ALiBi and relative positions act inside self-attention, "none" nowhere: no table.
+        table = model64.positions
+        positions = {} if table is None else {"source": table(src.size(1)).double(),
+                                              "target": table(tgt_in.size(1)).double()}
         layers = []
-        x = embeddings["source"] + positions["source"]
+        x = embeddings["source"] + positions.get("source", 0.0)
         for i, layer in enumerate(model64.encoder_layers):
             layers.append(_walk_encoder_layer(layer, i, x, source_tokens))
             x = layers[-1].output
         memory = x if model64.encoder_norm is None else model64.encoder_norm(x)
-        y = embeddings["target"] + positions["target"]
+        y = embeddings["target"] + positions.get("target", 0.0)
         for i, layer in enumerate(model64.decoder_layers):
             layers.append(_walk_decoder_layer(layer, i, y, memory, input_tokens, source_tokens, rows))
             y = layers[-1].output
@@ -300,8 +303,8 @@ def explain(model, tokenizer, source: str, target: str | None = None, *, top: in
     return Explanation(
         source_tokens=source_tokens, target_input_tokens=input_tokens, target_tokens=rows,
         translation=maps.translation, d_model=config.d_model, n_heads=config.n_heads, embeddings=embeddings,
-        positions=positions, layers=layers, next_pieces=next_pieces, probabilities=probabilities,
-        differences=differences,
+        positions=positions, positional_encoding=config.positional_encoding, layers=layers,
+        next_pieces=next_pieces, probabilities=probabilities, differences=differences,
     )
 
 
@@ -358,6 +361,14 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+POSITION_NOTES = {
+    "rope": "RoPE rotates queries and keys by their positions inside self-attention (Su et al. 2021)",
+    "alibi": "ALiBi adds -slope x distance to the scores (Press et al. 2022)",
+    "relative": "relative positions add q . a_(j-i) to the scores (Shaw et al. 2018)",
+    "none": "the control without any position signal",
+}
+
+
 def format_walk(explanation: Explanation, kind: str = "encoder", layer: int = 0, head: int = 0,
                 *, decimals: int = 2) -> str:
     """The walk of `kind` attention, layer `layer`, head `head`, in the lecture's order and names."""
@@ -383,27 +394,42 @@ def format_walk(explanation: Explanation, kind: str = "encoder", layer: int = 0,
         out.append("")
 
     first = (kind == "encoder" and layer == 0) or (kind != "encoder" and layer == 0)
+    kind_of_positions = explanation.positional_encoding
     if first:
         step("1", f"embedding x sqrt(d_model) of each {side} piece", f"model.{'src' if side == 'source' else 'tgt'}"
              "_embedding(tokens)", explanation.embeddings[side], tokens, dims)
-        step("2", "positional encoding PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...)",
-             "model.positions(length)", explanation.positions[side], tokens, dims)
+        if side in explanation.positions:
+            title = {"sinusoidal": "positional encoding PE(pos, 2i) = sin(pos / 10000^(2i/d)), "
+                                   "PE(pos, 2i+1) = cos(...)",
+                     "learned": "learned positional embedding of each position"}.get(kind_of_positions,
+                                                                                   "positional encoding")
+            step("2", title, "model.positions(length)", explanation.positions[side], tokens, dims)
+        else:
+            step("2", f"no position table: {POSITION_NOTES.get(kind_of_positions, kind_of_positions)}",
+                 f"positional_encoding = {kind_of_positions!r}")
     step("3", f"X: the input of {'encoder' if kind == 'encoder' else 'decoder'} layer {layer}"
-         + (" = embedding + positional encoding" if first else f" = output of layer {layer - 1}"),
+         + ((" = embedding + positional encoding" if explanation.positions else " = embedding") if first
+            else f" = output of layer {layer - 1}"),
          "x", layer_walk.attention[0].input, tokens, dims)
     if kind == "cross":
         step("3b", "queries come from the decoder after its masked self-attention (Add & Norm)",
              "layer.norm1(x + self_attn(x))", sublayer.input, walk.query_tokens, dims)
     qk = [f"q{j}" for j in range(D)]
-    step("4", f"Q = X W^Q (head {head}: columns {head * D}..{(head + 1) * D - 1})",
-         "in_proj.query", walk.query, walk.query_tokens, qk)
+    rotated = kind_of_positions == "rope" and kind != "cross"
+    step("4", f"Q = X W^Q (head {head}: columns {head * D}..{(head + 1) * D - 1})"
+         + (", rotated by its position (RoPE)" if rotated else ""), "attention.heads", walk.query,
+         walk.query_tokens, qk)
     key_source = "the encoder output (memory)" if kind == "cross" else "X"
-    step("5", f"K = {key_source} W^K", "in_proj.key_value", walk.key, walk.key_tokens, qk)
-    step("6", f"V = {key_source} W^V", "in_proj.key_value", walk.value, walk.key_tokens, qk)
+    step("5", f"K = {key_source} W^K" + (", rotated by its position (RoPE)" if rotated else ""),
+         "attention.heads", walk.key, walk.key_tokens, [f"k{j}" for j in range(D)])
+    step("6", f"V = {key_source} W^V", "attention.heads", walk.value, walk.key_tokens, [f"v{j}" for j in range(D)])
     step("7", "scores = Q K^T (rows: queries, columns: keys)", "query @ key.T", walk.scores, walk.query_tokens,
          walk.key_tokens)
     step("8", f"scaled = scores / sqrt(d_k) = scores / {math.sqrt(D):.3g}", "/ math.sqrt(d_k)", walk.scaled,
          walk.query_tokens, walk.key_tokens)
+    if walk.bias is not None:
+        step("8b", f"+ position bias ({POSITION_NOTES[kind_of_positions]})", "attention.position_bias", walk.bias,
+             walk.query_tokens, walk.key_tokens)
     if walk.mask is not None:
         step("9", "look-ahead mask: position i may attend to keys 0..i (1 = may attend, · = -inf)",
              "causal_mask(T)", walk.mask, walk.query_tokens, walk.key_tokens)
@@ -470,6 +496,7 @@ def page_data(
         return {"query": plain(head.query), "key": plain(head.key), "value": plain(head.value),
                 "scores": plain(head.scores), "scaled": plain(head.scaled), "weights": plain(head.weights),
                 "mask": None if head.mask is None else head.mask.tolist(), "output": plain(head.output),
+                "bias": None if head.bias is None else plain(head.bias),
                 "query_tokens": head.query_tokens, "key_tokens": head.key_tokens, "d_k": head.d_k}
 
     kinds: dict[str, list] = {kind: [] for kind in KINDS}
@@ -490,6 +517,7 @@ def page_data(
         "source_tokens": explanation.source_tokens, "target_input_tokens": explanation.target_input_tokens,
         "target_tokens": explanation.target_tokens, "translation": explanation.translation,
         "d_model": explanation.d_model, "n_heads": explanation.n_heads, "columns_shown": HTML_COLUMNS,
+        "positional_encoding": explanation.positional_encoding,
         "d_ff": explanation.layers[0].ffn_hidden.size(-1),
         "embeddings": {k: plain(v, True) for k, v in explanation.embeddings.items()},
         "positions": {k: plain(v, True) for k, v in explanation.positions.items()},

@@ -639,9 +639,6 @@ def create_app(
         from aiayn.explain import explain as walk
 
         config = translator.model.config
-        if config.positional_encoding not in ("sinusoidal", "learned"):
-            raise RequestRefused(f"the walk needs a position table; this model uses "
-                                 f"{config.positional_encoding!r}")
         if getattr(translator, "model_dir", None) is None:
             raise RequestRefused("the walk needs the model directory (serve it with `aiayn serve --model DIR`)")
         layers = config.n_encoder_layers if body.kind == "encoder" else config.n_decoder_layers

@@ -147,8 +147,13 @@ function renderExplanation(root, data, fetchLayer = null) {
     if (layer === 0) {
       step(1, `embedding x sqrt(d_model) of each ${side} piece`, "embedding(tokens)", data.embeddings[side],
            tokens, wide(data.embeddings[side]), false, cut);
-      step(2, "positional encoding", "positions(length)", data.positions[side], tokens,
-           wide(data.positions[side]), false, cut);
+      if (data.positions[side]) {
+        step(2, `${data.positional_encoding} positional encoding`, "positions(length)", data.positions[side],
+             tokens, wide(data.positions[side]), false, cut);
+      } else {
+        step(2, `no position table (${data.positional_encoding}): positions act inside self-attention, or nowhere`,
+             "", null);
+      }
     }
     step(3, `X: the input of ${kind === "encoder" ? "encoder" : "decoder"} layer ${layer}`, "x",
          walk.layer_input, tokens, wide(walk.layer_input), false, cut);
@@ -163,6 +168,8 @@ function renderExplanation(root, data, fetchLayer = null) {
     step(7, "scores = Q K^T", "query @ key.T", h.scores, h.query_tokens, h.key_tokens);
     step(8, `scaled = scores / sqrt(d_k) = scores / ${Math.sqrt(h.d_k).toFixed(3)}`, "", h.scaled,
          h.query_tokens, h.key_tokens);
+    if (h.bias) step("8b", `+ position bias (${data.positional_encoding})`, "position_bias", h.bias, h.query_tokens,
+                     h.key_tokens);
     if (h.mask) step(9, "look-ahead mask (1 = may attend)", "causal_mask(T)", h.mask, h.query_tokens, h.key_tokens, true);
     else step(9, "mask: none needed (one sentence, no padding)", "", null);
     step(10, "softmax of each row: where each query looks", "softmax(scaled)", h.weights, h.query_tokens,
