@@ -174,6 +174,25 @@ def test_attention_with_a_forced_target_matches_the_translator(client, reference
     assert body["cross"] == expected.cross.double().round(decimals=4).tolist()
 
 
+def test_translate_returns_alignments_and_samples_on_request(client, reference) -> None:
+    response = client.post("/translate", json={"texts": SENTENCES[:2], "alignment": True, "nbest": 2})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = reference.translate(SENTENCES[:2], nbest=2, return_scores=True)
+    flat = [(SENTENCES[i], text) for i, hyps in enumerate(expected) for text, _ in hyps]
+    alignments = reference.align([s for s, _ in flat], [t for _, t in flat])
+    assert [h["alignment"] for hyps in body["nbest"] for h in hyps] == alignments
+    assert body["alignments"] == [alignments[0], alignments[2]]
+    assert "alignments" not in client.post("/translate", json={"text": SENTENCES[0]}).json()
+    sample = {"texts": SENTENCES, "sampling_topk": 0, "temperature": 1.5, "nbest": 6, "seed": 3}
+    first, again = (client.post("/translate", json=sample).json() for _ in range(2))
+    assert first == again and len(first["nbest"][0]) == 6  # 6 samples with the default beam of 4
+    assert first["nbest"] == [[{"text": t, "score": pytest.approx(v, abs=1e-4)} for t, v in hyps]
+                              for hyps in reference.translate(SENTENCES, DecodeConfig(
+                                  sampling_topk=0, temperature=1.5, nbest=6, seed=3), return_scores=True)]
+    assert client.post("/translate", json={**sample, "sampling_topp": 0.0}).status_code == 422
+
+
 def test_explain_walks_one_layer_with_the_attention_maps_numbers(client, reference) -> None:
     target = "A man rides a bike."
     expected = reference.attention(SENTENCES[0], target)

@@ -338,8 +338,10 @@ def _add_precision_options(p: argparse.ArgumentParser) -> None:
 
 def _decode_config(args: argparse.Namespace, nbest: int = DecodeConfig.nbest) -> DecodeConfig:
     """The search settings of the decode options (checked by DecodeConfig: one validation)."""
+    sampling = {name: getattr(args, name) for name in ("sampling_topk", "sampling_topp", "temperature", "seed")
+                if hasattr(args, name)}
     return DecodeConfig(beam_size=args.beam, length_penalty=args.length_penalty, max_len_a=args.max_len_a,
-                        max_len_b=args.max_len_b, nbest=nbest)
+                        max_len_b=args.max_len_b, nbest=nbest, **sampling)
 
 
 def _load_translator(args: argparse.Namespace):
@@ -408,9 +410,28 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
                                    "line gives an empty line.")
     _add_decode_options(p)
     p.add_argument("--nbest", type=int, default=DecodeConfig.nbest,
-                   help="print K lines 'i ||| translation ||| score' per input line (i from 0)")
+                   help="print K lines 'i ||| translation ||| score' per input line (i from 0); with sampling, "
+                        "K samples")
     p.add_argument("--input", help="source file, plain or .gz (default: stdin)")
     p.add_argument("--output", help="output file (default: stdout)")
+    p.add_argument("--prefix", help="file of target prefixes, one per input line (empty = none): each "
+                                    "translation starts with its prefix (CTranslate2 target_prefix)")
+    align = p.add_argument_group("word alignment")
+    align.add_argument("--alignment", action="store_true",
+                       help="append ' ||| i-j ...' to each output line (Pharaoh: source word i - target word j, "
+                            "0-based, whitespace words), from the cross-attention argmax")
+    align.add_argument("--alignment-layer", type=int, default=None,
+                       help="decoder layer whose cross-attention (mean over heads) aligns (default: the penultimate)")
+    sampling = p.add_argument_group("sampling (instead of beam search; --beam is then unused)")
+    defaults = DecodeConfig()
+    sampling.add_argument("--sampling-topk", type=int, default=defaults.sampling_topk,
+                          help="sample from the K most probable pieces (0 = all; default 1 = no sampling)")
+    sampling.add_argument("--sampling-topp", type=float, default=defaults.sampling_topp,
+                          help="sample from the smallest set of pieces holding probability P (nucleus; default 1)")
+    sampling.add_argument("--temperature", type=float, default=defaults.temperature,
+                          help="divide the log-probs by T before sampling (default 1)")
+    sampling.add_argument("--seed", type=int, default=defaults.seed,
+                          help="same seed and sentence, same samples, whatever the batch (default 0)")
     p.set_defaults(handler=_run_translate)
 
 
@@ -419,16 +440,80 @@ def _run_translate(args: argparse.Namespace) -> int:
     # waits on stdin or is translated.
     _check_output(args.output, "--output")
     decode = _decode_config(args, nbest=args.nbest)
+    prefixes = None
+    if args.prefix:
+        from aiayn.data import read_lines
+
+        prefixes = read_lines(args.prefix)
     translator = _load_translator(args)
     lines = _read_input_lines(args.input)
+    if prefixes is not None and len(prefixes) != len(lines):
+        raise ValueError(f"--prefix {args.prefix} has {len(prefixes)} lines but the input has {len(lines)}")
     results = translator.translate(
-        lines, decode, batch_tokens=args.batch_tokens,
-        return_scores=args.nbest > 1, progress=args.input not in (None, "-"),
+        lines, decode, batch_tokens=args.batch_tokens, return_scores=True,
+        progress=args.input not in (None, "-"), prefixes=prefixes,
     )
+    alignments = None
+    if args.alignment:  # one alignment per hypothesis, aligned with its own translation
+        flat = [(i, text) for i, entries in enumerate(results) for text, _ in entries]
+        pairs = translator.align([lines[i] for i, _ in flat], [text for _, text in flat],
+                                 layer=args.alignment_layer, batch_tokens=args.batch_tokens)
+        alignments = iter(pairs)
+
+    def aligned(line: str) -> str:  # the alignment last, so that readers of the other fields still work
+        if alignments is None:
+            return line
+        alignment = next(alignments)
+        return f"{line} ||| {alignment}" if line or alignment else ""  # an empty line stays empty
+
     if args.nbest > 1:
-        out = [f"{i} ||| {text} ||| {score:.4f}" for i, entries in enumerate(results) for text, score in entries]
+        out = [aligned(f"{i} ||| {text} ||| {score:.4f}") for i, entries in enumerate(results)
+               for text, score in entries]
     else:
-        out = results
+        out = [aligned(entries[0][0]) for entries in results]
+    text = "".join(line + "\n" for line in out)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _add_score(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="forced decoding: the model's log-probability of given translations",
+                       description="Score each (source, target) pair: its total log-probability, then the mean "
+                                   "per piece (target pieces + EOS), tab-separated; the numbers beam search adds "
+                                   "up for the same pieces. An empty source gives an empty line.")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--src", required=True, help="source file, plain or .gz")
+    p.add_argument("--tgt", required=True, help="target file, one translation per source line")
+    p.add_argument("--per-token", action="store_true", help="add each piece's log-probability (and EOS's)")
+    p.add_argument("--output", help="output file (default: stdout)")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="padded pieces per batch")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    _add_precision_options(p)
+    p.set_defaults(handler=_run_score)
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    from aiayn.data import read_lines
+
+    _check_output(args.output, "--output")
+    sources, targets = read_lines(args.src), read_lines(args.tgt)
+    if len(sources) != len(targets):
+        raise ValueError(f"{args.src} has {len(sources)} lines but {args.tgt} has {len(targets)}")
+    translator = _load_translator(args)
+    out = []
+    for values in translator.score(sources, targets, batch_tokens=args.batch_tokens):
+        if values is None:
+            out.append("")
+            continue
+        total = sum(values)
+        fields = [f"{total:.4f}", f"{total / len(values):.4f}"]
+        if args.per_token:
+            fields.append(" ".join(f"{value:.4f}" for value in values))
+        out.append("\t".join(fields))
     text = "".join(line + "\n" for line in out)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as handle:
@@ -481,6 +566,38 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- export ----------------------------------------------------------------------------------
+
+
+# aiayn.export's TARGETS and CTRANSLATE2_QUANTIZATIONS, spelled out: importing it would import torch for --help.
+_EXPORT_TARGETS = ("marian", "ctranslate2")
+_EXPORT_QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16",
+                         "float32")
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write the model for Hugging Face Marian or CTranslate2",
+                       description="Export a model directory: --to marian writes a MarianMTModel directory "
+                                   "(from_pretrained), --to ctranslate2 a CTranslate2 model. Both compute the "
+                                   "same function; the README says which decoding options reproduce aiayn's "
+                                   "output (no </s> on the source, the length penalty, the maximum length).")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--to", required=True, choices=_EXPORT_TARGETS, help="the library to export to")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--quantization", choices=_EXPORT_QUANTIZATIONS,
+                   help="ctranslate2 only: weight type (default float32), e.g. int8")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from aiayn.export import export
+
+    out = export(args.model, args.to, args.out, quantization=args.quantization, overwrite=args.overwrite)
+    print(f"exported {args.model} to {args.to}: {out}")
+    return 0
+
+
 # --- info ------------------------------------------------------------------------------------
 
 
@@ -522,7 +639,7 @@ def _run_info(args: argparse.Namespace) -> int:
 # --- parser ----------------------------------------------------------------------------------
 
 _SUBCOMMANDS = [_add_train, _add_average, _add_attention, _add_explain, _add_positions, _add_translate,
-                _add_evaluate, _add_serve, _add_info]
+                _add_score, _add_evaluate, _add_serve, _add_export, _add_info]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -175,19 +175,43 @@ class DecodeConfig(_DictConfig):
     length_penalty: float = 0.6
     max_len_a: float = 1.0  # max output length = max_len_a * source length + max_len_b
     max_len_b: int = 50
-    nbest: int = 1
+    nbest: int = 1  # hypotheses per sentence (with sampling: independent samples)
+    # Random sampling instead of beam search (CTranslate2's convention): on when sampling_topk != 1
+    # or sampling_topp < 1; topk 0 = the whole vocabulary. beam_size is then unused.
+    sampling_topk: int = 1
+    sampling_topp: float = 1.0
+    temperature: float = 1.0
+    seed: int = 0  # with the sentence, it fixes its samples (`Translator.translate`)
 
     def __post_init__(self) -> None:
         # Bounded so that a typo cannot ask for hours of search (the server bounds beams tighter).
         _check_int("beam_size", self.beam_size, 1, MAX_BEAM_SIZE)
         _check_number("length_penalty", self.length_penalty, 0.0, 10.0)
-        _check_int("nbest", self.nbest, 1, self.beam_size)
+        _check_int("nbest", self.nbest, 1, MAX_BEAM_SIZE if self.sampling else self.beam_size)
         _check_number("max_len_a", self.max_len_a, 0.0, 10.0)
         _check_int("max_len_b", self.max_len_b, 0, MODEL_LIMITS["max_positions"])
+        _check_int("sampling_topk", self.sampling_topk, 0, MODEL_LIMITS["vocab_size"])
+        _check_number("sampling_topp", self.sampling_topp, 0.0, 1.0)
+        _check(self.sampling_topp > 0, f"sampling_topp must be > 0, got {self.sampling_topp}")
+        _check_number("temperature", self.temperature, 0.0, 100.0)
+        _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        _check_int("seed", self.seed, 0, (1 << 63) - 1)
+
+    @property
+    def sampling(self) -> bool:
+        """Whether translations are sampled (`aiayn.search.sample_search`) rather than searched."""
+        return self.sampling_topk != 1 or self.sampling_topp < 1.0
 
     def search_arguments(self) -> dict[str, Any]:
-        """The keyword arguments of `aiayn.search.beam_search` (its names are these fields)."""
-        return self.to_dict()
+        """The keyword arguments of `aiayn.search.beam_search`."""
+        return {name: getattr(self, name) for name in ("beam_size", "length_penalty", "max_len_a", "max_len_b",
+                                                        "nbest")}
+
+    def sampling_arguments(self) -> dict[str, Any]:
+        """The keyword arguments of `aiayn.search.sample_search` (but its per-sentence seeds)."""
+        return {"samples": self.nbest, "topk": self.sampling_topk, "topp": self.sampling_topp,
+                "temperature": self.temperature, "length_penalty": self.length_penalty,
+                "max_len_a": self.max_len_a, "max_len_b": self.max_len_b}
 
 
 @dataclass(frozen=True)

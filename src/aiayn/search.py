@@ -35,6 +35,7 @@ Conventions:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -110,7 +111,7 @@ def _mask_tokens(scores: Tensor, at_max: Tensor | None, *, pad_id: int, bos_id: 
 
 def log_prob_step(
     scores: Tensor, logits: Tensor, at_max: Tensor | None, *, pad_id: int, bos_id: int, eos_id: int,
-    select=beam_step,
+    select=beam_step, forced: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One beam step from the decoder's logits: log-softmax, token masks (`_mask_tokens`), then
     `select` (`beam_step`, or an equivalent). The reference for any faster step handed to
@@ -121,15 +122,56 @@ def log_prob_step(
         logits: float32 [A*R, V] next-token logits, R = 1 (the first step: every beam of a
             sentence continues its one row) or K; overwritten.
         at_max: bool [A*R], rows that may only produce EOS; None for none.
+        forced: long [A*R], the only token each row may produce (a target prefix), -1 = free row.
     Returns:
         (candidate scores, beam index, token id), each [A, 2K], best first.
     """
     # In place: a fresh [N, V] buffer per step costs page faults.
     log_probs = _mask_tokens(torch.log_softmax(logits, dim=-1, out=logits), at_max,
                              pad_id=pad_id, bos_id=bos_id, eos_id=eos_id)
+    if forced is not None:
+        _force_tokens(log_probs, forced)
     active, beam = scores.shape
     log_probs = log_probs.view(active, -1, log_probs.size(-1)).expand(-1, beam, -1)  # [A, K, V]
     return select(scores, log_probs)
+
+
+def _force_tokens(log_probs: Tensor, forced: Tensor) -> Tensor:
+    """In place on [N, V] log-probs: rows with forced[row] >= 0 keep only that token's log-prob
+    (not renormalised: a prefix is scored by the model like any other tokens)."""
+    rows = (forced >= 0).nonzero().squeeze(1)
+    if rows.numel():
+        kept = log_probs[rows, forced[rows]].clone()
+        log_probs[rows] = float("-inf")
+        log_probs[rows, forced[rows]] = kept
+    return log_probs
+
+
+def _check_prefix(prefix: list[list[int]] | None, batch: int, config) -> list[list[int]] | None:
+    """`prefix` as lists of ints, checked: one per sentence, real tokens, room for EOS."""
+    if prefix is None or not any(prefix):
+        return None
+    if len(prefix) != batch:
+        raise ValueError(f"prefix has {len(prefix)} entries for {batch} sentences")
+    prefix = [[int(token) for token in tokens] for tokens in prefix]
+    specials = {config.pad_id, config.bos_id, config.eos_id}
+    for sentence, tokens in enumerate(prefix):
+        if any(token in specials or not 0 <= token < config.vocab_size for token in tokens):
+            raise ValueError(f"prefix of sentence {sentence} holds a special or unknown token id: {tokens}")
+        if len(tokens) > config.max_positions - 1:
+            raise ValueError(f"prefix of sentence {sentence} has {len(tokens)} tokens; at most "
+                             f"{config.max_positions - 1} fit")
+    return prefix
+
+
+def _forced_tokens(prefix: list[list[int]] | None, sentences: list[int], position: int,
+                   rows_per_sentence: int, device: torch.device | None = None) -> Tensor | None:
+    """The token each decoder row must produce at `position` (-1: free), [A*R]; None when no
+    active sentence is inside its prefix."""
+    if prefix is None or all(position >= len(prefix[s]) for s in sentences):
+        return None
+    forced = [prefix[s][position] if position < len(prefix[s]) else -1 for s in sentences]
+    return torch.tensor(forced, device=device).repeat_interleave(rows_per_sentence)
 
 
 # --- greedy -------------------------------------------------------------------------------------
@@ -195,6 +237,7 @@ def beam_search(
     max_len_b: int = 50,
     nbest: int = 1,
     step=None,
+    prefix: list[list[int]] | None = None,
 ) -> list[list[Hypothesis]]:
     """Batched beam search with the KV cache (see the module docstring for the conventions).
 
@@ -207,9 +250,13 @@ def beam_search(
         nbest: hypotheses returned per sentence, best first.
         step: the beam step, `log_prob_step` (None) or a faster function with its signature and
             result (`aiayn.inference.beam_step_for`).
+        prefix: per sentence, the token ids every hypothesis must start with (target prefix, as
+            CTranslate2's target_prefix): while a sentence is inside its prefix, only the next
+            prefix token may follow (with its own log-prob: scores stay those of the model), and
+            its maximum length is at least the prefix's.
     Returns:
         B lists of hypotheses sorted by score, descending: `nbest` of them, or fewer where fewer
-        exist (a maximum length of 0 leaves only the empty translation).
+        exist (a maximum length of 0 leaves only the empty translation). Tokens include the prefix.
     Raises:
         ValueError: beam_size < 1, nbest outside [1, beam_size], or length_penalty < 0.
         RuntimeError: a sentence ends with no hypothesis (NaN / -inf scores everywhere).
@@ -228,6 +275,9 @@ def beam_search(
 
     beam_step_of = log_prob_step if step is None else step  # logits -> the 2K best candidates
     max_lens = max_output_lengths(model, src_tokens, max_len_a, max_len_b)  # [B]
+    prefix = _check_prefix(prefix, batch, model.config)
+    if prefix is not None:
+        max_lens = torch.maximum(max_lens, torch.tensor([len(p) for p in prefix], device=max_lens.device))
     # One memory row per sentence, shared by its K beams: the decoder's cross-attention reads a
     # sentence's keys and values once for all its beams (and caches them once).
     encoder_out = model.encode(src_tokens)  # [A] rows
@@ -251,7 +301,9 @@ def beam_search(
             torch.tensor(at_max, device=device).repeat_interleave(rows_per_sentence) if any(at_max) else None
         )
         logits = model.decode(last_tokens, encoder_out, cache=cache).logits[:, -1].float()  # [A*R, V]
-        cand_scores, cand_beams, cand_tokens = beam_step_of(
+        forced = _forced_tokens(prefix, sentences, position, rows_per_sentence, device)  # [A*R] or None
+        step_of = beam_step_of if forced is None else functools.partial(log_prob_step, forced=forced)
+        cand_scores, cand_beams, cand_tokens = step_of(
             scores, logits, at_max_rows, pad_id=config.pad_id, bos_id=config.bos_id, eos_id=eos
         )  # [A, C]
 
@@ -303,6 +355,156 @@ def beam_search(
                 "the model's scores are NaN or -inf (a diverged or damaged model?)"
             )
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]
+
+
+# --- sampling -----------------------------------------------------------------------------------
+
+
+def filter_distribution(log_probs: Tensor, *, topk: int = 0, topp: float = 1.0, temperature: float = 1.0) -> Tensor:
+    """The distribution a sample is drawn from: softmax(log_probs / temperature), cut to the `topk`
+    most probable tokens (0 = all) and then to the smallest set whose probability reaches `topp`
+    (nucleus sampling, Holtzman et al. 2020), renormalised. [N, V] -> probabilities [N, V] float64.
+    Ties at the cut keep the lower token ids (a stable sort), so the result is deterministic."""
+    probs = torch.softmax(log_probs.double() / temperature, dim=-1)  # [N, V]
+    order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    sorted_probs = order.values
+    keep = torch.ones_like(sorted_probs, dtype=torch.bool)
+    if topk > 0:
+        keep[:, topk:] = False
+    if topp < 1.0:
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the tokens ranked above
+        keep &= before < topp  # the top token is always kept
+    sorted_probs = sorted_probs * keep
+    filtered = torch.zeros_like(probs).scatter_(-1, order.indices, sorted_probs)
+    return filtered / filtered.sum(dim=-1, keepdim=True)
+
+
+def _draw(probs: Tensor, generators: list[torch.Generator]) -> Tensor:
+    """One token per row by inverse-CDF sampling, each row with its own generator: a row's draw
+    depends on its generator and its distribution alone, never on the other rows of the batch."""
+    uniform = torch.tensor([float(torch.rand(1, generator=g, dtype=torch.float64)) for g in generators],
+                           dtype=torch.float64, device=probs.device)  # [N]
+    cdf = probs.cumsum(dim=-1)  # [N, V]
+    tokens = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None]).squeeze(1)  # [N]
+    return tokens.clamp(max=probs.size(-1) - 1)
+
+
+@torch.no_grad()
+def sample_search(
+    model,
+    src_tokens: Tensor,
+    *,
+    seeds: list[int],
+    samples: int = 1,
+    topk: int = 0,
+    topp: float = 1.0,
+    temperature: float = 1.0,
+    length_penalty: float = 0.6,
+    max_len_a: float = 1.0,
+    max_len_b: int = 50,
+    prefix: list[list[int]] | None = None,
+) -> list[list[Hypothesis]]:
+    """Random sampling with the KV cache: `samples` independent translations per sentence, each
+    token drawn from `filter_distribution` of the model's next-token log-probs.
+
+    Sample k of sentence b uses its own generator, seeded with `seeds[b]` and k, so the same seed
+    gives the same samples, and batching (which sentences share a batch, in which order) never
+    changes them. Scores are the model's own (temperature 1, no cut): log_prob = sum of the token
+    log-probs, score = log_prob / length_penalty(n + 1) as in `beam_search`; hypotheses are sorted
+    by score. Token masks, maximum lengths and `prefix` as in `beam_search`.
+
+    Raises:
+        ValueError: a bad setting (samples < 1, topk < 0, topp outside (0, 1], temperature <= 0)
+            or not one seed per sentence.
+    """
+    batch = src_tokens.size(0)
+    if samples < 1 or topk < 0 or not 0.0 < topp <= 1.0 or not temperature > 0:
+        raise ValueError(f"bad sampling settings: samples {samples}, topk {topk}, topp {topp}, "
+                         f"temperature {temperature}")
+    if len(seeds) != batch:
+        raise ValueError(f"sample_search needs one seed per sentence: {len(seeds)} for {batch}")
+    config = model.config
+    device = src_tokens.device
+    prefix = _check_prefix(prefix, batch, config)
+    max_lens = max_output_lengths(model, src_tokens, max_len_a, max_len_b)  # [B]
+    if prefix is not None:
+        max_lens = torch.maximum(max_lens, torch.tensor([len(p) for p in prefix], device=max_lens.device))
+    # Row r = sample r % samples of sentence r // samples, with a memory row of its own (rows
+    # leave at different steps, so sentences cannot share one as in beam search).
+    owner = [b for b in range(batch) for _ in range(samples)]  # sentence of each row
+    encoder_out = model.encode(src_tokens).reorder(torch.tensor(owner, dtype=torch.long, device=device))
+    generators = [torch.Generator().manual_seed((seeds[b] * 1_000_003 + k) % (1 << 63))
+                  for b in range(batch) for k in range(samples)]
+    rows = list(range(batch * samples))  # original index of each active row
+    tokens: list[list[int]] = [[] for _ in rows]
+    log_prob = [0.0 for _ in rows]
+    last = torch.full((batch * samples, 1), config.bos_id, dtype=torch.long, device=device)  # [A, 1]
+    cache = model.new_cache()
+    position = 0
+    while rows:
+        at_max = torch.tensor([int(max_lens[owner[r]]) <= position for r in rows], device=device)  # [A]
+        logits = model.decode(last, encoder_out, cache=cache).logits[:, -1].float()  # [A, V]
+        log_probs = _mask_tokens(torch.log_softmax(logits, dim=-1), at_max if bool(at_max.any()) else None,
+                                 pad_id=config.pad_id, bos_id=config.bos_id, eos_id=config.eos_id)
+        probs = filter_distribution(log_probs, topk=topk, topp=topp, temperature=temperature)  # [A, V]
+        if prefix is not None:  # inside its prefix, a row's next token is given, with its log-prob
+            forced = torch.tensor([prefix[owner[r]][position] if position < len(prefix[owner[r]]) else -1
+                                   for r in rows], device=device)  # [A]
+            forced_rows = (forced >= 0).nonzero().squeeze(1)
+            probs[forced_rows] = 0.0
+            probs[forced_rows, forced[forced_rows]] = 1.0
+        drawn = _draw(probs, [generators[r] for r in rows]).tolist()  # [A]
+        keep = []
+        for i, (r, token) in enumerate(zip(rows, drawn)):
+            log_prob[r] += float(log_probs[i, token])
+            if token != config.eos_id:
+                tokens[r].append(token)
+                keep.append(i)
+        if len(keep) < len(rows):  # finished rows leave the batch and its caches
+            keep_index = torch.tensor(keep, dtype=torch.long, device=device)
+            cache.reorder(keep_index)
+            encoder_out = encoder_out.reorder(keep_index)
+            rows, drawn = [rows[i] for i in keep], [drawn[i] for i in keep]
+        last = torch.tensor(drawn, dtype=torch.long, device=device).view(-1, 1)
+        position += 1
+    results = []
+    for b in range(batch):
+        hyps = [Hypothesis(tokens[r], log_prob[r] / _lp(len(tokens[r]) + 1, length_penalty), log_prob[r])
+                for r in range(b * samples, (b + 1) * samples)]
+        results.append(sorted(hyps, key=lambda h: h.score, reverse=True))
+    return results
+
+
+# --- forced decoding ------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def score_tokens(model, src_tokens: Tensor, targets: list[list[int]]) -> list[list[float]]:
+    """Forced decoding (teacher forcing): the log-probability of each target token and of the
+    final EOS under the model, the numbers beam search adds up for the same tokens.
+
+    Args:
+        src_tokens: LongTensor [B, S], right-padded, no BOS / EOS.
+        targets: B lists of token ids without BOS / EOS.
+    Returns:
+        B lists of len(target) + 1 float log-probs (the last one is EOS's). <pad> and <s> are
+        impossible as in the search; a target too long for max_positions raises ValueError.
+    """
+    config = model.config
+    if len(targets) != src_tokens.size(0):
+        raise ValueError(f"{len(targets)} targets for {src_tokens.size(0)} sources")
+    longest = max((len(t) for t in targets), default=0) + 1
+    if longest > config.max_positions:
+        raise ValueError(f"a target of {longest - 1} tokens does not fit max_positions {config.max_positions}")
+    device = src_tokens.device
+    tgt_in = torch.full((len(targets), longest), config.pad_id, dtype=torch.long, device=device)  # [B, T]
+    tgt_out = torch.full_like(tgt_in, config.pad_id)
+    for row, target in enumerate(targets):
+        tgt_in[row, : len(target) + 1] = torch.tensor([config.bos_id, *target], dtype=torch.long)
+        tgt_out[row, : len(target) + 1] = torch.tensor([*target, config.eos_id], dtype=torch.long)
+    logits = model.decode(tgt_in, model.encode(src_tokens)).logits.float()  # [B, T, V]
+    log_probs = torch.log_softmax(logits, dim=-1).gather(-1, tgt_out[..., None]).squeeze(-1)  # [B, T]
+    return [log_probs[row, : len(target) + 1].tolist() for row, target in enumerate(targets)]
 
 
 _lp = length_penalty  # the function, under a name the `length_penalty` argument does not shadow

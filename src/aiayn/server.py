@@ -568,16 +568,25 @@ def create_app(
                 422, f"{len(texts)} texts in one request; the limit is {limits.max_texts}"
             )
         check_lengths(texts, limits.max_chars)
-        settings = DecodeConfig(beam_size=body.beam_size, nbest=body.nbest,
-                                length_penalty=body.length_penalty)
+        settings = DecodeConfig(beam_size=body.beam_size, nbest=body.nbest, length_penalty=body.length_penalty,
+                                sampling_topk=body.sampling_topk, sampling_topp=body.sampling_topp,
+                                temperature=body.temperature, seed=body.seed)
         job = enqueue(worker.submit_translate, texts, settings)
         results = await answer(job, "translation", request)
         response: dict[str, Any] = {"translations": [hypotheses[0][0] for hypotheses in results]}
+        alignments = None
+        if body.alignment:  # from the cross-attention of each hypothesis, on the worker like any model call
+            flat = [(texts[i], text) for i, hypotheses in enumerate(results) for text, _ in hypotheses]
+            job = enqueue(worker.submit_call, lambda: translator.align([s for s, _ in flat], [t for _, t in flat]))
+            alignments = iter(await answer(job, "alignment", request))
+        nbest = [[{"text": text, "score": float(score)} for text, score in hypotheses] for hypotheses in results]
+        if alignments is not None:
+            for hypotheses in nbest:
+                for hypothesis in hypotheses:
+                    hypothesis["alignment"] = next(alignments)
+            response["alignments"] = [hypotheses[0]["alignment"] for hypotheses in nbest]
         if body.nbest > 1:
-            response["nbest"] = [
-                [{"text": text, "score": float(score)} for text, score in hypotheses]
-                for hypotheses in results
-            ]
+            response["nbest"] = nbest
         return response
 
     def attention_call(text: str, target: str | None) -> Any:

@@ -36,6 +36,14 @@ class TranslateRequest(BaseModel):
     # ge / le alone let NaN through (every comparison with NaN is false).
     length_penalty: float = Field(DecodeConfig.length_penalty, ge=0.0, le=10.0, allow_inf_nan=False,
                                   description="alpha of Wu et al. (2016)")
+    sampling_topk: int = Field(DecodeConfig.sampling_topk, ge=0, le=100_000,
+                               description="sample from the k most probable pieces (0 = all; 1 = no sampling)")
+    sampling_topp: float = Field(DecodeConfig.sampling_topp, gt=0.0, le=1.0, allow_inf_nan=False,
+                                 description="nucleus sampling: the smallest set holding this probability")
+    temperature: float = Field(DecodeConfig.temperature, gt=0.0, le=100.0, allow_inf_nan=False,
+                               description="divides the log-probs before sampling")
+    seed: int = Field(DecodeConfig.seed, ge=0, le=(1 << 63) - 1, description="same seed and text, same samples")
+    alignment: bool = Field(False, description="also return Pharaoh word alignments ('i-j ...') per hypothesis")
 
     @model_validator(mode="after")
     def _check(self) -> "TranslateRequest":
@@ -43,7 +51,10 @@ class TranslateRequest(BaseModel):
             raise ValueError(
                 "give exactly one of 'text' (a string) or 'texts' (a list of strings)"
             )
-        if self.nbest > self.beam_size:
+        sampling = self.sampling_topk != 1 or self.sampling_topp < 1.0
+        if sampling and self.nbest > MAX_BEAM_SIZE:
+            raise ValueError(f"nbest ({self.nbest}) must be <= {MAX_BEAM_SIZE} samples")
+        if not sampling and self.nbest > self.beam_size:
             raise ValueError(f"nbest ({self.nbest}) must be <= beam_size ({self.beam_size})")
         if self.text is not None:
             check_encodable(self.text, "text")
@@ -54,10 +65,12 @@ class TranslateRequest(BaseModel):
 class Hypothesis(BaseModel):
     text: str
     score: float
+    alignment: str | None = None
 
 class TranslateResponse(BaseModel):
     translations: list[str]
     nbest: list[list[Hypothesis]] | None = None
+    alignments: list[str] | None = Field(None, description="with 'alignment': of each translation")
 
 class AttentionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")

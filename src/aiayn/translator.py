@@ -20,7 +20,7 @@ from torch import Tensor
 from aiayn import hardware
 from aiayn.config import DecodeConfig
 from aiayn.inference import beam_step_for, check_precision, decoding_timings, prepare
-from aiayn.search import beam_search
+from aiayn.search import beam_search, sample_search, score_tokens
 
 
 @dataclass
@@ -49,6 +49,14 @@ def _check_sentences(sentences: list[str]) -> None:
         except UnicodeEncodeError as error:
             raise ValueError(f"line {line}: not valid Unicode text ({error.reason} at character "
                              f"{error.start})") from None
+
+
+def _sentence_seed(seed: int, sentence: str) -> int:
+    """A sentence's own seed for sampling: from the run's seed and the sentence's text alone."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}\0{sentence}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 class Translator:
@@ -145,8 +153,14 @@ class Translator:
         batch_tokens: int = 4096,
         return_scores: bool = False,
         progress: bool = False,
+        prefixes: list[str] | None = None,
     ) -> list[str] | list[list[tuple[str, float]]]:
         """Translate `sentences`; output i belongs to input i.
+
+        With `decode.sampling`, the translations are random samples (`aiayn.search.sample_search`):
+        nbest of them per sentence, from generators seeded with decode.seed and the sentence's
+        text, so that the same seed gives the same samples whatever the batch. `prefixes`: one
+        target prefix per sentence ("" for none): every translation starts with its pieces.
 
         The search settings are `decode` (default `DecodeConfig()`: the paper's beam 4, length
         penalty 0.6, max length S + 50), with any field given by keyword replaced.
@@ -169,42 +183,135 @@ class Translator:
         decode = (decode or DecodeConfig()).replace(**{k: v for k, v in overrides.items() if v is not None})
         if batch_tokens < 1:
             raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
-        pad_id = self.model.config.pad_id
         _check_sentences(sentences)
-        nonempty = [i for i, s in enumerate(sentences) if s.strip()]
-        encoded = self.tokenizer.encode_batch([sentences[i] for i in nonempty]) if nonempty else []
-        # A line that encodes to no pieces at all is treated like an empty line.
-        sources = {i: self._encode_source(ids, i + 1) for i, ids in zip(nonempty, encoded) if ids}
+        if prefixes is not None:
+            if len(prefixes) != len(sentences):
+                raise ValueError(f"{len(prefixes)} prefixes for {len(sentences)} sentences")
+            _check_sentences(prefixes)
+        sources = self._encode_sources(sentences)
+        prefix_ids = None if prefixes is None else {i: self.tokenizer.encode(prefixes[i]) for i in sources}
         results: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in sentences]
-        order = sorted(sources, key=lambda i: len(sources[i]), reverse=True)
         progress_bar = None
         if progress:
             from tqdm import tqdm
 
             progress_bar = tqdm(total=len(sentences), unit="sent", file=sys.stderr, dynamic_ncols=True)
-            progress_bar.update(len(sentences) - len(order))
-        start = 0
-        while start < len(order):
-            longest = max(len(sources[order[start]]), 1)  # sorted: the first is the longest
-            size = max(1, min(len(order) - start, batch_tokens // longest))
-            batch = order[start : start + size]
-            src_tokens = torch.full((len(batch), longest), pad_id, dtype=torch.long)  # [B, S]
-            for row, i in enumerate(batch):
-                src_tokens[row, : len(sources[i])] = torch.tensor(sources[i], dtype=torch.long)
+            progress_bar.update(len(sentences) - len(sources))
+        for batch, src_tokens in self._batches(sources, batch_tokens):
+            prefix = None if prefix_ids is None else [prefix_ids[i] for i in batch]
             with torch.inference_mode():
-                hypotheses = beam_search(self.model, src_tokens.to(self.device), **decode.search_arguments(),
-                                         step=self.step)
+                if decode.sampling:
+                    seeds = [_sentence_seed(decode.seed, sentences[i]) for i in batch]
+                    hypotheses = sample_search(self.model, src_tokens, seeds=seeds, prefix=prefix,
+                                               **decode.sampling_arguments())
+                else:
+                    hypotheses = beam_search(self.model, src_tokens, **decode.search_arguments(), step=self.step,
+                                             prefix=prefix)
             for i, hyps in zip(batch, hypotheses):
                 texts = self.tokenizer.decode_batch([h.tokens for h in hyps])
                 results[i] = [(text, h.score) for text, h in zip(texts, hyps)]
             if progress_bar is not None:
                 progress_bar.update(len(batch))
-            start += size
         if progress_bar is not None:
             progress_bar.close()
         if decode.nbest > 1 or return_scores:
             return results
         return [entries[0][0] for entries in results]
+
+    def _encode_sources(self, sentences: list[str]) -> dict[int, list[int]]:
+        """Index -> source pieces of each sentence that has any (an empty or whitespace-only line,
+        or one that encodes to nothing, has none)."""
+        nonempty = [i for i, s in enumerate(sentences) if s.strip()]
+        encoded = self.tokenizer.encode_batch([sentences[i] for i in nonempty]) if nonempty else []
+        return {i: self._encode_source(ids, i + 1) for i, ids in zip(nonempty, encoded) if ids}
+
+    def _batches(self, sources: dict[int, list[int]], batch_tokens: int, extra: dict[int, int] | None = None):
+        """(indices, src_tokens [B, S] on the device) of batches of at most `batch_tokens` padded
+        pieces (at least one sentence each), longest first; `extra` adds each sentence's target
+        length to the budget (forced decoding)."""
+        if batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
+        pad_id = self.model.config.pad_id
+        cost = {i: max(len(ids), (extra or {}).get(i, 0), 1) for i, ids in sources.items()}
+        order = sorted(sources, key=lambda i: cost[i], reverse=True)
+        start = 0
+        while start < len(order):
+            longest = cost[order[start]]  # sorted: the first is the longest
+            size = max(1, min(len(order) - start, batch_tokens // longest))
+            batch = order[start : start + size]
+            width = max(len(sources[i]) for i in batch)
+            src_tokens = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [B, S]
+            for row, i in enumerate(batch):
+                src_tokens[row, : len(sources[i])] = torch.tensor(sources[i], dtype=torch.long)
+            yield batch, src_tokens.to(self.device)
+            start += size
+
+    def score(self, sources: list[str], targets: list[str], *, batch_tokens: int = 4096) -> list[list[float] | None]:
+        """Forced decoding: the log-probability of each target piece and of the final EOS given its
+        source (`aiayn.search.score_tokens`), the numbers beam search adds up. Batching never
+        changes a score (beyond float rounding). A pair with an empty source gives None.
+
+        Raises:
+            ValueError: different numbers of sources and targets, text that is not valid Unicode,
+                or a target longer than max_positions - 1 pieces (named by line).
+        """
+        if len(sources) != len(targets):
+            raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
+        _check_sentences(sources)
+        _check_sentences(targets)
+        encoded = self._encode_sources(sources)
+        target_ids = {i: self.tokenizer.encode(targets[i]) for i in encoded}
+        limit = self.model.config.max_positions - 1
+        for i, ids in target_ids.items():
+            if len(ids) > limit:
+                raise ValueError(f"line {i + 1}: the target has {len(ids)} pieces; at most {limit} fit the model")
+        results: list[list[float] | None] = [None for _ in sources]
+        lengths = {i: len(ids) + 1 for i, ids in target_ids.items()}
+        for batch, src_tokens in self._batches(encoded, batch_tokens, lengths):
+            with torch.inference_mode():
+                scores = score_tokens(self.model, src_tokens, [target_ids[i] for i in batch])
+            for i, values in zip(batch, scores):
+                results[i] = values
+        return results
+
+    def align(self, sources: list[str], translations: list[str], *, layer: int | None = None,
+              batch_tokens: int = 4096) -> list[str]:
+        """Word alignments (Pharaoh "i-j", `aiayn.alignment`) of each source with its translation,
+        from the cross-attention of decoder `layer` (default the penultimate, or the only one)
+        averaged over heads. An empty source or translation gives "".
+
+        Raises:
+            ValueError: different numbers of sources and translations, or a layer out of range.
+        """
+        from aiayn.alignment import pharaoh, word_alignment
+
+        if len(sources) != len(translations):
+            raise ValueError(f"{len(sources)} sources but {len(translations)} translations")
+        layers = self.model.config.n_decoder_layers
+        layer = max(layers - 2, 0) if layer is None else layer
+        if not -layers <= layer < layers:
+            raise ValueError(f"alignment layer {layer} out of range: the model has {layers} decoder layers")
+        encoded = self._encode_sources(sources)
+        limit = self.model.config.max_positions - 1
+        target_ids = {i: self.tokenizer.encode(translations[i])[:limit] for i in encoded if translations[i].strip()}
+        encoded = {i: ids for i, ids in encoded.items() if target_ids.get(i)}
+        results = ["" for _ in sources]
+        config = self.model.config
+        for batch, src_tokens in self._batches(encoded, batch_tokens, {i: len(t) + 1 for i, t in target_ids.items()}):
+            width = max(len(target_ids[i]) for i in batch) + 1
+            tgt_input = torch.full((len(batch), width), config.pad_id, dtype=torch.long)  # [B, T]
+            for row, i in enumerate(batch):
+                tgt_input[row, : len(target_ids[i]) + 1] = torch.tensor([config.bos_id, *target_ids[i]])
+            with torch.inference_mode():
+                decoded = self.model.decode(tgt_input.to(self.device), self.model.encode(src_tokens),
+                                            need_weights=True, project=False)
+            cross = decoded.cross_attention[layer].float().mean(dim=1).cpu()  # [B, T, S]
+            for row, i in enumerate(batch):
+                source, target = encoded[i], target_ids[i]
+                weights = cross[row, : len(target), : len(source)]  # row t predicts target piece t
+                pairs = word_alignment(weights, self.tokenizer.pieces(source), self.tokenizer.pieces(target))
+                results[i] = pharaoh(pairs)
+        return results
 
     def attention(self, source: str, target: str | None = None) -> AttentionResult:
         """Every attention map of one sentence pair, from the reference attention (need_weights).
