@@ -434,7 +434,8 @@ def format_walk(explanation: Explanation, kind: str = "encoder", layer: int = 0,
         step("9", "look-ahead mask: position i may attend to keys 0..i (1 = may attend, · = -inf)",
              "causal_mask(T)", walk.mask, walk.query_tokens, walk.key_tokens)
     else:
-        step("9", "mask: none needed (one sentence, no padding; the encoder sees every piece)", "padding_mask")
+        step("9", "mask: none needed (one sentence, no padding: every query may read every "
+             + ("source piece)" if kind == "cross" else "piece of the sentence)"), "padding_mask")
     step("10", "softmax of each row: where each query looks", "torch.softmax(scaled, -1)", walk.weights,
          walk.query_tokens, walk.key_tokens)
     for i, row in enumerate(walk.weights.tolist()[: MAX_ROWS]):
