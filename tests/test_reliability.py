@@ -209,6 +209,22 @@ def test_an_overlong_line_and_a_gzip_bomb_stop_with_the_line_number(tmp_path, mo
     assert read_lines(plain) == ["eins", "zwei", "", "drei"]
 
 
+@pytest.mark.parametrize("compress", [False, True])
+def test_a_pipe_is_read_once_plain_or_gzipped(tmp_path, compress):
+    """A FIFO (process substitution, /dev/stdin) can be read only once: no peeking by reopening."""
+    import threading
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    data = "eins\nzwei\n".encode()
+    writer = threading.Thread(target=lambda: fifo.write_bytes(gzip.compress(data) if compress else data))
+    writer.start()
+    try:
+        assert read_lines(fifo) == ["eins", "zwei"]
+    finally:
+        writer.join(timeout=10)
+
+
 class _Stdin(io.TextIOWrapper):
     def __init__(self, data: bytes) -> None:
         super().__init__(io.BytesIO(data), encoding="utf-8")

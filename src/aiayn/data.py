@@ -68,20 +68,24 @@ def read_lines(path: str | Path) -> list[str]:
     """
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
-            compressed = handle.read(2) == _GZIP_MAGIC
+        handle = open(path, "rb")  # noqa: SIM115 - closed below; opened once, so pipes work too
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except OSError as error:
         raise DataError(f"{path}: cannot read: {error}") from error
-    # Detect gzip by content: downloaded or renamed files do not always keep their .gz suffix.
     try:
-        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as handle:
-            return read_stream(handle, str(path))
+        # Detect gzip by content (peeked, not consumed): downloaded or renamed files do not always
+        # keep their .gz suffix.
+        if handle.peek(2)[:2] == _GZIP_MAGIC:
+            with gzip.GzipFile(fileobj=handle, mode="rb") as unzipped:
+                return read_stream(unzipped, str(path))
+        return read_stream(handle, str(path))
     except (EOFError, zlib.error, gzip.BadGzipFile) as error:
         raise DataError(f"{path}: corrupt gzip data: {error}") from error
     except OSError as error:
         raise DataError(f"{path}: cannot read: {error}") from error
+    finally:
+        handle.close()
 
 
 def read_stream(handle, name: str) -> list[str]:
