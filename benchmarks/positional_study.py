@@ -157,7 +157,7 @@ def report(out: Path, plot: Path | None) -> str:
         lines.append("| " + " | ".join(row) + " |")
     sets = first["set_sizes"]
     lines += ["", "Sentences per set: " + ", ".join(f"{k} {v}" for k, v in sets.items())
-              + ". Per-seed numbers: " + ", ".join(
+              + ". Per-seed numbers (" + "/".join(SPLITS) + "): " + ", ".join(
                   f"{r['kind']}-seed{r['seed']}: " + "/".join(f"{r['scores'][n]['bleu']:.1f}" for n in SPLITS)
                   for rs in runs.values() for r in rs)]
     text = "\n".join(lines)
@@ -182,7 +182,7 @@ def draw(runs: dict, path: Path, limit: int) -> None:
             for b in result["scores"]["by_length"]:
                 per_bin.setdefault((b["low"], b["high"]), []).append(b["bleu"])
         keys = sorted(per_bin)
-        xs = [min(high, 100) if low >= 60 else (low + high) / 2 for low, high in keys]
+        xs = [(low + min(high, 100)) / 2 for low, high in keys]
         ax.plot(xs, [statistics.mean(per_bin[k]) for k in keys], marker="o", label=kind,
                 linestyle="--" if kind == "none" else "-")
     ax.axvline(limit, color="grey", linewidth=1)
