@@ -376,6 +376,16 @@ def _read_input_lines(path: str | None) -> list[str]:
     return read_stream(binary, "<stdin>")
 
 
+def _write_lines(lines: list[str], path: str | None) -> None:
+    """`lines`, one per line, to the file `path` (checked before the work by `_check_output`) or stdout."""
+    text = "".join(line + "\n" for line in lines)
+    if path:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    else:
+        sys.stdout.write(text)
+
+
 def _check_output(path: str | None, option: str) -> None:
     """Fail before the work, not after it, where `path` cannot be written."""
     if path is None or path == "-":
@@ -471,12 +481,7 @@ def _run_translate(args: argparse.Namespace) -> int:
                for text, score in entries]
     else:
         out = [aligned(entries[0][0]) for entries in results]
-    text = "".join(line + "\n" for line in out)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
-            handle.write(text)
-    else:
-        sys.stdout.write(text)
+    _write_lines(out, args.output)
     return 0
 
 
@@ -514,12 +519,7 @@ def _run_score(args: argparse.Namespace) -> int:
         if args.per_token:
             fields.append(" ".join(f"{value:.4f}" for value in values))
         out.append("\t".join(fields))
-    text = "".join(line + "\n" for line in out)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
-            handle.write(text)
-    else:
-        sys.stdout.write(text)
+    _write_lines(out, args.output)
     return 0
 
 
