@@ -216,18 +216,6 @@ async def run_hostile(
     }
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="model directory (default: an untrained tiny model)")
@@ -258,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
             server.wait(30)
         server_log = log.read_text()
     row["server_tracebacks"] = server_log.count("Traceback")
-    row["machine"] = {"cpu": cpu_model(), "cpus": os.cpu_count()}
+    from aiayn import hardware
+
+    row["machine"] = {"cpu": hardware.detect().cpu_model, "cpus": os.cpu_count()}
 
     print(f"machine: {row['machine']['cpu']} ({row['machine']['cpus']} CPUs); "
           f"{args.clients} clients for {row['seconds']} s; model: {args.model or 'untrained tiny'}")
