@@ -36,7 +36,9 @@ def _model(tokenizer, **overrides) -> Transformer:
 @pytest.mark.parametrize("overrides", [{}, {"norm_first": True}, {"positional_encoding": "learned",
                                                                    "share_embeddings": False},
                                        {"positional_encoding": "rope"}, {"positional_encoding": "alibi"},
-                                       {"positional_encoding": "relative"}, {"positional_encoding": "none"}])
+                                       {"positional_encoding": "relative"}, {"positional_encoding": "none"},
+                                       {"positional_encoding": "rope", "norm_first": True},
+                                       {"positional_encoding": "alibi", "norm_first": True}])
 def test_each_step_reproduces_the_next_and_the_model(tokenizer, overrides):
     model = _model(tokenizer, **overrides)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -157,17 +157,16 @@ def _round(values: Any, decimals: int) -> Any:
 
 
 def _walk_attention(
-    attention: MultiHeadAttention, kind: str, layer: int, queries: Tensor, keys_from: Tensor,
+    attention: MultiHeadAttention, kind: str, layer: int, queries: Tensor, memory: Tensor | None,
     mask: Tensor | None, query_tokens: list[str], key_tokens: list[str],
 ) -> SublayerWalk:
     """Equation 1 for every head, then Concat and W^O, from the module's weights (section 3.2.2).
 
     Q, K, V come from the module's own `heads` (x W^Q_i etc.; with RoPE rotated at their
-    positions), and self-attention's position bias (ALiBi, relative) from its `position_bias`."""
-    self_attention = keys_from is queries
-    memory = None if self_attention else keys_from[None]
-    q_all, k_all, v_all = attention.heads(queries[None], memory)  # [1, H, L, D]
-    bias = attention.position_bias(q_all, k_all.size(2)) if self_attention else None  # [1, H, Lq, Lk]
+    positions), and self-attention's position bias (ALiBi, relative) from its `position_bias`.
+    memory: None for self-attention (keys and values from `queries`), else the encoder output."""
+    q_all, k_all, v_all = attention.heads(queries[None], None if memory is None else memory[None])  # [1, H, L, D]
+    bias = attention.position_bias(q_all, k_all.size(2)) if memory is None else None  # [1, H, Lq, Lk]
     D = attention.head_dim
     heads = []
     for h in range(attention.n_heads):
@@ -193,12 +192,12 @@ def _feed_forward(layer, x: Tensor) -> tuple[Tensor, Tensor]:
 
 def _walk_encoder_layer(layer, index: int, x: Tensor, tokens: list[str]) -> LayerWalk:
     if layer.norm_first:  # pre-LN (a departure): x + Sublayer(LayerNorm(x))
-        attention = _walk_attention(layer.self_attn, "encoder", index, layer.norm1(x), layer.norm1(x), None,
+        attention = _walk_attention(layer.self_attn, "encoder", index, layer.norm1(x), None, None,
                                     tokens, tokens)
         attention.add_norm = x + attention.projected
         hidden, ffn = _feed_forward(layer, layer.norm2(attention.add_norm))
         return LayerWalk("encoder", index, [attention], hidden, ffn, attention.add_norm + ffn)
-    attention = _walk_attention(layer.self_attn, "encoder", index, x, x, None, tokens, tokens)
+    attention = _walk_attention(layer.self_attn, "encoder", index, x, None, None, tokens, tokens)
     attention.add_norm = layer.norm1(x + attention.projected)  # Add & Norm
     hidden, ffn = _feed_forward(layer, attention.add_norm)
     return LayerWalk("encoder", index, [attention], hidden, ffn, layer.norm2(attention.add_norm + ffn))
@@ -209,7 +208,7 @@ def _walk_decoder_layer(layer, index: int, x: Tensor, memory: Tensor, input_toke
     T = x.size(0)
     look_ahead = causal_mask(T, device=x.device)[0, 0]  # [T, T], True on and below the diagonal
     if layer.norm_first:
-        masked = _walk_attention(layer.self_attn, "decoder", index, layer.norm1(x), layer.norm1(x), look_ahead,
+        masked = _walk_attention(layer.self_attn, "decoder", index, layer.norm1(x), None, look_ahead,
                                  rows, input_tokens)
         masked.add_norm = x + masked.projected
         cross = _walk_attention(layer.cross_attn, "cross", index, layer.norm2(masked.add_norm), memory, None,
@@ -217,7 +216,7 @@ def _walk_decoder_layer(layer, index: int, x: Tensor, memory: Tensor, input_toke
         cross.add_norm = masked.add_norm + cross.projected
         hidden, ffn = _feed_forward(layer, layer.norm3(cross.add_norm))
         return LayerWalk("decoder", index, [masked, cross], hidden, ffn, cross.add_norm + ffn)
-    masked = _walk_attention(layer.self_attn, "decoder", index, x, x, look_ahead, rows, input_tokens)
+    masked = _walk_attention(layer.self_attn, "decoder", index, x, None, look_ahead, rows, input_tokens)
     masked.add_norm = layer.norm1(x + masked.projected)
     # Encoder-decoder attention: queries from the decoder, keys and values from the encoder output.
     cross = _walk_attention(layer.cross_attn, "cross", index, masked.add_norm, memory, None, rows, source_tokens)
@@ -393,7 +392,7 @@ def format_walk(explanation: Explanation, kind: str = "encoder", layer: int = 0,
             out.append(fmt(matrix, rows, cols))
         out.append("")
 
-    first = (kind == "encoder" and layer == 0) or (kind != "encoder" and layer == 0)
+    first = layer == 0
     kind_of_positions = explanation.positional_encoding
     if first:
         step("1", f"embedding x sqrt(d_model) of each {side} piece", f"model.{'src' if side == 'source' else 'tgt'}"
