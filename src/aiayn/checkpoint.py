@@ -305,8 +305,6 @@ def average_run(run_dir: str | Path, last: int, out_dir: str | Path) -> list[Pat
         ValueError: `last` < 1, or a checkpoint that fails a check (named).
         FileNotFoundError: no checkpoints.
     """
-    from safetensors import safe_open
-
     if not isinstance(last, int) or last < 1:
         raise ValueError(f"--last must be >= 1 (the number of newest checkpoints to average), got {last}")
     run_dir = Path(run_dir)
@@ -314,16 +312,18 @@ def average_run(run_dir: str | Path, last: int, out_dir: str | Path) -> list[Pat
     if not paths:
         raise FileNotFoundError(f"{run_dir / CHECKPOINT_DIR} holds no checkpoints")
     config, info = read_model_config(run_dir)
-    runs = {}
-    for path in paths:
-        _read_weights(path / WEIGHTS_FILE, config)
-        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as handle:
-            runs[path.name] = (handle.metadata() or {}).get("run_id")
+    # The headers (names, shapes, run id) are checked before any weights are read, and the
+    # weights are read once, by the averaging.
+    runs = {path.name: check_weights_file(path / WEIGHTS_FILE, config).get("run_id") for path in paths}
     if len(set(runs.values())) > 1:
         raise ValueError(f"{run_dir / CHECKPOINT_DIR}: the checkpoints come from different runs (run ids {runs}); "
                          "average checkpoints of one run")
+    average = average_checkpoints(paths)
+    if not all(bool(torch.isfinite(tensor).all()) for tensor in average.values()):
+        for path in paths:  # a NaN / inf in one of them: name it (read again, on this error path only)
+            _read_weights(path / WEIGHTS_FILE, config)
     model = Transformer(config)
-    model.load_state_dict(average_checkpoints(paths))
+    model.load_state_dict(average)
     save_model(model, Tokenizer.load(run_dir), out_dir, {**info, "averaged": [p.name for p in paths]})
     return paths
 
