@@ -33,7 +33,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.serve_load import build_tiny_model, free_port, load_sentences
+from benchmarks.serve_load import build_tiny_model, free_port, load_sentences, wait_until_healthy
 
 # (kind, share of requests). Shares are weights for random.choices.
 KINDS = [
@@ -62,17 +62,7 @@ def start_server(model_dir: Path, port: int, log: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "aiayn", "serve", "--model", str(model_dir), "--port", str(port)]
     with log.open("w") as stderr:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with status {process.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("the server did not answer /health within 60 s")
+    return wait_until_healthy(process, port, log.read_text)
 
 
 def reference_answers(base_url: str, sentences: list[str]) -> dict[tuple[str, int], str]:

@@ -91,19 +91,23 @@ def start_server(
     process = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.monotonic() + 60
+    return wait_until_healthy(process, port, lambda: process.stderr.read())
+
+
+def wait_until_healthy(process: subprocess.Popen, port: int, stderr, seconds: float = 60) -> subprocess.Popen:
+    """`process` once its /health answers 200; raises RuntimeError with `stderr()` if it exits first,
+    and kills it if it does not answer within `seconds`."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(
-                f"the server exited with status {process.returncode}:\n{process.stderr.read()}"
-            )
+            raise RuntimeError(f"the server exited with status {process.returncode}:\n{stderr()}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return process
         except httpx.HTTPError:
             time.sleep(0.1)
     process.kill()
-    raise RuntimeError("the server did not answer /health within 60 s")
+    raise RuntimeError(f"the server did not answer /health within {seconds:g} s")
 
 
 async def run_load(
