@@ -432,6 +432,7 @@ def sample_search(
     # Row r = sample r % samples of sentence r // samples, with a memory row of its own (rows
     # leave at different steps, so sentences cannot share one as in beam search).
     owner = [b for b in range(batch) for _ in range(samples)]  # sentence of each row
+    max_len_of = max_lens.tolist()
     encoder_out = model.encode(src_tokens).reorder(torch.tensor(owner, dtype=torch.long, device=device))
     generators = [torch.Generator().manual_seed((seeds[b] * 1_000_003 + k) % (1 << 63))
                   for b in range(batch) for k in range(samples)]
@@ -442,7 +443,7 @@ def sample_search(
     cache = model.new_cache()
     position = 0
     while rows:
-        at_max = torch.tensor([int(max_lens[owner[r]]) <= position for r in rows], device=device)  # [A]
+        at_max = torch.tensor([max_len_of[owner[r]] <= position for r in rows], device=device)  # [A]
         logits = model.decode(last, encoder_out, cache=cache).logits[:, -1].float()  # [A, V]
         log_probs = _mask_tokens(torch.log_softmax(logits, dim=-1), at_max if bool(at_max.any()) else None,
                                  pad_id=config.pad_id, bos_id=config.bos_id, eos_id=config.eos_id)
@@ -453,10 +454,12 @@ def sample_search(
             forced_rows = (forced >= 0).nonzero().squeeze(1)
             probs[forced_rows] = 0.0
             probs[forced_rows, forced[forced_rows]] = 1.0
-        drawn = _draw(probs, [generators[r] for r in rows]).tolist()  # [A]
+        drawn_tokens = _draw(probs, [generators[r] for r in rows])  # [A]
+        drawn_log_probs = log_probs.gather(1, drawn_tokens[:, None]).squeeze(1).tolist()  # [A]
+        drawn = drawn_tokens.tolist()
         keep = []
         for i, (r, token) in enumerate(zip(rows, drawn)):
-            log_prob[r] += float(log_probs[i, token])
+            log_prob[r] += drawn_log_probs[i]
             if token != config.eos_id:
                 tokens[r].append(token)
                 keep.append(i)
