@@ -10,13 +10,7 @@ each in fp32 and / or bf16 (`torch.autocast`, weights and Adam state stay fp32).
 Steps are run round-robin (step i of every system, then step i + 1), so a change in machine load
 hits all systems alike. tokens/s = non-padding target tokens / wall time of the timed steps.
 
-FLOPs of a step (stated, so MFU can be checked): with N_enc, N_dec the non-embedding parameters of
-the two stacks, E = d_model, V the vocabulary, L_e / L_d the layer counts and, per batch row,
-S / T its padded source / target length and s / t its real token counts,
-    6 * (N_enc * sum(s) + N_dec * sum(t))            weight matmuls, forward + backward
-  + 6 * V * E * sum(t)                              output projection (tied, still a matmul)
-  + 12 * E * (L_e * sum(S^2) + L_d * sum(T^2 + T*S)) attention scores and weighted sums
-(the "6 N" rule of Kaplan et al. 2020 plus the attention term; the causal half is not discounted).
+FLOPs of a step: `aiayn.compute.step_flops` (its docstring states the formula, so MFU can be checked).
 """
 
 from __future__ import annotations
@@ -29,6 +23,7 @@ from typing import Callable
 import torch
 
 from aiayn.allocator import retain_freed_memory
+from aiayn.compute import batches_flops
 from aiayn.config import ModelConfig
 from aiayn.data import Batch
 from aiayn.model import Transformer
@@ -37,24 +32,6 @@ from aiayn.train import TranslationLoss
 from benchmarks.peers import TorchTransformer, full_logits_loss, marian_logits
 
 LABEL_SMOOTHING = 0.1
-
-
-def step_flops(config: ModelConfig, batch: Batch) -> float:
-    """FLOPs of one training step on `batch` (formula in the module docstring)."""
-    model_dim, vocab = config.d_model, config.vocab_size
-    attention = 4 * model_dim * model_dim + 4 * model_dim
-    ffn = 2 * model_dim * config.d_ff + config.d_ff + model_dim
-    encoder_params = config.n_encoder_layers * (attention + ffn + 4 * model_dim)
-    decoder_params = config.n_decoder_layers * (2 * attention + ffn + 6 * model_dim)
-    src_real = (batch.src_tokens != config.pad_id).sum().item()
-    tgt_real = (batch.tgt_output != config.pad_id).sum().item()
-    rows, src_len = batch.src_tokens.shape
-    tgt_len = batch.tgt_input.size(1)
-    attention_flops = 12 * model_dim * rows * (
-        config.n_encoder_layers * src_len**2 + config.n_decoder_layers * (tgt_len**2 + tgt_len * src_len)
-    )
-    weight_flops = 6 * (encoder_params * src_real + decoder_params * tgt_real)
-    return weight_flops + 6 * vocab * model_dim * tgt_real + attention_flops
 
 
 @dataclass
@@ -143,7 +120,7 @@ def measure(
             if index >= warmup:
                 system.seconds += elapsed
                 system.tokens += batch.num_tgt_tokens
-                system.flops += step_flops(config, batch)
+                system.flops += batches_flops(config, [batch])
                 system.steps += 1
         log(f"  step {index + 1}/{len(batches)}: " + ", ".join(
             f"{s.name} {s.tokens / s.seconds:,.0f} tok/s" for s in built if s.seconds

@@ -17,7 +17,8 @@ from aiayn.config import TrainConfig
 from aiayn.data import encode_parallel, read_parallel
 from aiayn.tokenizer import Tokenizer
 from aiayn.checkpoint import average_checkpoints, checkpoint_paths, latest_checkpoint, load_model, save_checkpoint
-from aiayn.train import TrainingDiverged, fit, label_smoothed_nll_loss, learning_rate
+from aiayn.optim import inverse_sqrt_rate as learning_rate
+from aiayn.train import TrainingDiverged, fit, label_smoothed_nll_loss
 from conftest import MULTI30K
 
 DATA = MULTI30K
@@ -310,20 +311,20 @@ def test_sigterm_stops_after_the_update_with_a_checkpoint(tmp_path, corpus, monk
     import aiayn.train as train_module
 
     tokenizer, train, _ = corpus
-    original = train_module.learning_rate
+    original = train_module.learning_rate_for
 
-    def signalling(step, **kwargs):  # called at the start of each update
+    def signalling(config, *, step, **kwargs):  # called at the start of each update
         if step == 3:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(step, **kwargs)
+        return original(config, step=step, **kwargs)
 
-    monkeypatch.setattr(train_module, "learning_rate", signalling)
+    monkeypatch.setattr(train_module, "learning_rate_for", signalling)
     before = signal.getsignal(signal.SIGTERM)
     summary = fit(_model(tokenizer), tokenizer, train, _config(max_steps=6), tmp_path, progress=False)
     assert summary["steps"] == 3  # update 3 finished, then the run stopped instead of dying
     assert [p.name for p in checkpoint_paths(tmp_path)] == ["step_00000003"]
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is restored
-    monkeypatch.setattr(train_module, "learning_rate", original)
+    monkeypatch.setattr(train_module, "learning_rate_for", original)
     resumed = fit(_model(tokenizer), tokenizer, train, _config(max_steps=6), tmp_path, resume=True, progress=False)
     assert resumed["steps"] == 6
 
@@ -444,13 +445,13 @@ def test_training_state_saves_and_restores_without_a_run(tmp_path, corpus):
         train_step(TranslationLoss(model, label_smoothing=0.1), optimizer, [next(stream)], lr=1e-3,
                    device=torch.device("cpu"), precision="fp32")
     torch.manual_seed(99)
-    save_training_state(tmp_path, model, optimizer, iterator, TrainingState(2, 12.5, 30.0, "run-a"), elapsed=40.0,
+    save_training_state(tmp_path, model, optimizer, iterator, TrainingState(2, 12.5, 30.0, "run-a", 3.5e12), elapsed=40.0,
                         keep_last=2)
     expected_draw = torch.rand(2)
     torch.manual_seed(0)  # a fresh process state
     fresh_model, fresh_optimizer, fresh_iterator = parts()
     state, path = load_training_state(tmp_path, fresh_model, fresh_optimizer, fresh_iterator)
-    assert (state, path.name) == (TrainingState(2, 12.5, 40.0, "run-a"), "step_00000002")
+    assert (state, path.name) == (TrainingState(2, 12.5, 40.0, "run-a", 3.5e12), "step_00000002")
     assert all(torch.equal(v, fresh_model.state_dict()[k]) for k, v in model.state_dict().items())
     assert fresh_optimizer.state_dict()["state"][0]["step"] == 2
     assert fresh_iterator.position == iterator.position == 2

@@ -39,6 +39,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int)
     p.add_argument("--max-epochs", type=float)
     p.add_argument("--max-minutes", type=float)
+    p.add_argument("--max-tflop", type=float,
+                   help="stop after this much training compute (1e12 FLOPs of forward + backward, aiayn.compute)")
     p.add_argument("--batch-tokens", type=int)
     p.add_argument("--accumulate", type=int)
     p.add_argument("--lr-scale", type=float)

@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 POSITIONAL_ENCODINGS = ("sinusoidal", "learned", "rope", "alibi", "relative", "none")
+SCHEDULES = ("inverse_sqrt", "constant", "linear", "cosine", "wsd")  # aiayn.optim
+OPTIMIZERS = ("adam", "adamw", "sgd", "muon")  # aiayn.optim
 
 
 def _check(condition: bool, message: str) -> None:
@@ -220,8 +222,16 @@ class TrainConfig(_DictConfig):
 
     batch_tokens: int = 25000  # per batch: rows x max(padded source, padded target) length
     accumulate: int = 1  # batches per update: reach 25k-token batches on one device
-    lr_scale: float = 1.0  # lrate = lr_scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
-    warmup_steps: int = 4000
+    optimizer: str = "adam"  # one of OPTIMIZERS (aiayn.optim); the paper's is Adam
+    schedule: str = "inverse_sqrt"  # one of SCHEDULES (aiayn.optim); the paper's is inverse_sqrt
+    lr_scale: float = 1.0  # inverse_sqrt: lrate = lr_scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
+    warmup_steps: int = 4000  # inverse_sqrt's warmup in updates
+    # The budgeted schedules: peak rate (None = inverse_sqrt's peak for lr_scale and warmup_steps),
+    # warmup over this fraction of the budget's updates, and wsd's final decay fraction.
+    peak_lr: float | None = None
+    warmup_fraction: float = 0.05
+    decay_fraction: float = 0.2
+    sgd_momentum: float = 0.9
     adam_beta1: float = 0.9
     adam_beta2: float = 0.98
     adam_eps: float = 1e-9
@@ -231,6 +241,7 @@ class TrainConfig(_DictConfig):
     max_steps: int | None = None
     max_epochs: float | None = None
     max_minutes: float | None = None
+    max_tflop: float | None = None  # a budget in training compute (aiayn.compute), 1e12 FLOPs
     max_sentence_tokens: int = 250  # longer training pairs are skipped (and counted)
     precision: str = "fp32"  # fp32 | bf16 (autocast) | auto (bf16 where native and faster: aiayn.hardware)
     device: str = "cpu"
@@ -259,7 +270,20 @@ class TrainConfig(_DictConfig):
                 _check_int(name, getattr(self, name), 1)
         _check_number("lr_scale", self.lr_scale, 0.0, math.inf)
         _check(self.lr_scale > 0, f"lr_scale must be > 0, got {self.lr_scale}")
-        for name in ("adam_beta1", "adam_beta2", "label_smoothing"):
+        _check(isinstance(self.optimizer, str) and self.optimizer in OPTIMIZERS,
+               f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        _check(isinstance(self.schedule, str) and self.schedule in SCHEDULES,
+               f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.peak_lr is not None:
+            _check_number("peak_lr", self.peak_lr, 0.0, 100.0)
+            _check(self.peak_lr > 0, f"peak_lr must be > 0, got {self.peak_lr}")
+        _check_number("warmup_fraction", self.warmup_fraction, 0.0, 1.0)
+        _check_number("decay_fraction", self.decay_fraction, 0.0, 1.0)
+        _check(self.schedule == "inverse_sqrt" or any(
+            getattr(self, name) is not None for name in ("max_steps", "max_epochs", "max_minutes", "max_tflop")),
+            f"schedule {self.schedule} decays to zero at the end of the budget: set max_steps, max_epochs, "
+            "max_minutes or max_tflop")
+        for name in ("adam_beta1", "adam_beta2", "label_smoothing", "sgd_momentum"):
             _check_number(name, getattr(self, name), 0.0, 1.0, high_open=True)
         for name in ("adam_eps", "weight_decay", "clip_norm"):
             _check_number(name, getattr(self, name), 0.0, math.inf)
@@ -267,7 +291,7 @@ class TrainConfig(_DictConfig):
                f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         _check(isinstance(self.device, str) and self.device in ("cpu", "cuda"),
                f"device must be cpu or cuda, got {self.device!r}")
-        for name in ("max_epochs", "max_minutes"):
+        for name in ("max_epochs", "max_minutes", "max_tflop"):
             value = getattr(self, name)
             _check(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
                                      and math.isfinite(value)), f"{name} must be a number > 0, got {value!r}")

@@ -1,4 +1,5 @@
-"""Training (paper section 5): loss, schedule, train step, fit().
+"""Training (paper section 5): loss, train step, fit(). Optimizers and schedules: `aiayn.optim`;
+the compute each step costs: `aiayn.compute`.
 
 Shape legend: B batch, S source length, T target length, N non-padding target tokens, V vocab.
 
@@ -35,11 +36,13 @@ from aiayn.checkpoint import (
     save_checkpoint,
     save_model,
 )
+from aiayn.compute import batches_flops
 from aiayn.config import ModelConfig
 from aiayn.model import Transformer
+from aiayn.optim import BudgetEstimate, build_optimizer, learning_rate_for
 from aiayn.tokenizer import Tokenizer
 
-# --- loss and schedule (section 5.3, 5.4) ------------------------------------------------------
+# --- loss (section 5.4) ------------------------------------------------------
 
 
 def label_smoothed_nll_loss(
@@ -60,16 +63,6 @@ def label_smoothed_nll_loss(
         keep = target != ignore_index
         loss, nll = loss[keep], nll[keep]
     return loss.sum(), nll.sum()
-
-
-def learning_rate(step: int, *, d_model: int, warmup_steps: int, scale: float = 1.0) -> float:
-    """lrate = scale * d_model^-0.5 * min(step^-0.5, step * warmup_steps^-1.5) (equation 3).
-
-    Rises linearly for `warmup_steps` updates, then decays with the inverse square root of the
-    step. `step` counts updates from 1.
-    """
-    step = max(step, 1)
-    return scale * d_model**-0.5 * min(step**-0.5, step * warmup_steps**-1.5)
 
 
 class TranslationLoss(torch.nn.Module):
@@ -223,6 +216,7 @@ class TrainingState:
     elapsed: float = 0.0  # seconds trained before this process started (earlier, resumed-from runs)
     # Written into every checkpoint, so that `aiayn average` can refuse to mix two runs.
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    flops: float = 0.0  # training compute so far (aiayn.compute), every process's batches
 
 
 def save_training_state(
@@ -241,6 +235,7 @@ def save_training_state(
     save_checkpoint(out_dir, model, {
         "step": state.step, "data": iterator.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng,
         "cuda_rng": cuda_rng, "best_bleu": state.best_bleu, "elapsed": elapsed, "run_id": state.run_id,
+        "flops": state.flops,
     }, keep_last)
 
 
@@ -261,8 +256,10 @@ def load_training_state(
     torch.set_rng_state(_state_of_rank(saved["rng"], rank))
     if device.type == "cuda" and saved.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(_state_of_rank(saved["cuda_rng"], rank), device)
-    # A checkpoint from before run ids existed keeps none: it is "" (and so are its successors).
-    return TrainingState(saved["step"], saved["best_bleu"], saved["elapsed"], saved.get("run_id", "")), latest
+    # A checkpoint written before run ids and compute were recorded has neither: "" and 0.
+    state = TrainingState(step=saved["step"], best_bleu=saved["best_bleu"], elapsed=saved["elapsed"],
+                          flops=saved.get("flops", 0.0), run_id=saved.get("run_id", ""))
+    return state, latest
 
 
 def validate(model: Transformer, tokenizer: Tokenizer, valid_corpus, valid_references: list[str] | None, config,
@@ -331,6 +328,71 @@ class _StopRequest:
             signal.signal(signum, handler)
 
 
+@dataclass
+class _Run:
+    """What the steps of `fit` share: the run's parts and where it stands (plain data, no logic)."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    config: Any
+    out_dir: Path
+    criterion: torch.nn.Module
+    optimizer: Any
+    iterator: Any
+    state: TrainingState
+    device: torch.device
+    rank: int
+    world: int
+    info: dict[str, Any]
+    valid_corpus: Any = None
+    valid_references: list[str] | None = None
+    started: float = 0.0  # time.monotonic() when this process began training
+    updates_here: int = 0  # updates made by this process (a resumed run's earlier ones excluded)
+    stop_agreed: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def seconds(self) -> float:
+        """Wall time trained in all, earlier (resumed-from) processes included."""
+        import time
+
+        return self.state.elapsed + time.monotonic() - self.started
+
+    def epochs(self) -> float:
+        return self.iterator.epoch - 1 + self.iterator.position / len(self.iterator)
+
+
+class _RunLog:
+    """log.jsonl (main process only), the progress bar and the lines printed above it."""
+
+    def __init__(self, run: _Run, *, progress: bool) -> None:
+        self.file = open(run.out_dir / "log.jsonl", "a", encoding="utf-8") if run.is_main else None  # noqa: SIM115
+        self.bar = None
+        if run.is_main and progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=run.config.max_steps, initial=run.state.step, unit="step", dynamic_ncols=True)
+
+    def record(self, record: dict[str, Any]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def say(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message)
+        elif self.file is not None:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.file is not None:
+            self.file.close()
+
+
 def fit(
     model: Transformer,
     tokenizer: Tokenizer,
@@ -358,28 +420,42 @@ def fit(
     `training_timings`) and said on one line; the summary's "precision" is what ran.
 
     Returns:
-        a summary dict: steps, epochs, best validation BLEU, elapsed seconds, tokens/s.
+        a summary dict: steps, epochs, TFLOP, best validation BLEU, elapsed seconds, tokens/s.
     Raises:
         TrainingDiverged: the loss became NaN / inf (the last good checkpoint is kept).
         FileNotFoundError: `resume` without a checkpoint in `out_dir`.
     """
+    run = _set_up(model, tokenizer, train_corpus, config, Path(out_dir), info or {}, valid_corpus, valid_references)
+    _start_or_resume(run, resume)
+    run.config = _resolve_precision(run, train_corpus)
+    budget = _estimate_budget(run, train_corpus)
+    log = _RunLog(run, progress=progress)
+    stop_request = _StopRequest()
+    try:
+        stop_request.install()
+        total_tokens = _train_until_stopped(run, budget, log, stop_request)
+        _validate_and_log(run, log)
+        _checkpoint(run)
+    finally:
+        stop_request.restore()
+        log.close()
+    return _finish(run, total_tokens)
+
+
+def _set_up(model, tokenizer, train_corpus, config, out_dir: Path, info, valid_corpus, valid_references) -> _Run:
+    """Processes, device, threads, seeds; the loss module (DDP-wrapped), optimizer and batches."""
     import random
-    import time
 
     import numpy as np
 
     from aiayn.data import BatchIterator
 
-    out_dir = Path(out_dir)
     rank, world, local_rank = _distributed_context(config.device, config.distributed_timeout_s)
-    is_main = rank == 0
     device = torch.device(f"cuda:{local_rank}" if config.device == "cuda" else "cpu")
     if config.threads:
         torch.set_num_threads(config.threads)
     if device.type == "cpu":  # no page faults for the activations re-allocated at every step
         retain_freed_memory()
-    info = info or {}
-
     torch.manual_seed(config.seed + rank)
     random.seed(config.seed + rank)
     np.random.seed(config.seed + rank)
@@ -389,171 +465,215 @@ def fit(
         from torch.nn.parallel import DistributedDataParallel
 
         criterion = DistributedDataParallel(criterion, device_ids=[local_rank] if device.type == "cuda" else None)
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=0.0, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
-        weight_decay=config.weight_decay,
+    return _Run(
+        model=model, tokenizer=tokenizer, config=config, out_dir=out_dir, criterion=criterion,
+        optimizer=build_optimizer(model, config),
+        iterator=BatchIterator(train_corpus, config.batch_tokens, shuffle=True, seed=config.seed),
+        state=TrainingState(), device=device, rank=rank, world=world, info=info, valid_corpus=valid_corpus,
+        valid_references=valid_references,
     )
-    iterator = BatchIterator(train_corpus, config.batch_tokens, shuffle=True, seed=config.seed)
-    state = TrainingState()
 
-    if is_main:
+
+def _start_or_resume(run: _Run, resume: bool) -> None:
+    """A new run writes a loadable model directory at once; `resume` restores the newest checkpoint."""
+    out_dir = run.out_dir
+    if run.is_main:
         leftovers = remove_leftovers(out_dir)
         if leftovers:
             print(f"removed {len(leftovers)} leftover(s) of an interrupted write: {', '.join(leftovers)}", flush=True)
     if resume:
         with warnings.catch_warnings(record=True) as skipped:
             warnings.simplefilter("always")
-            state, latest = load_training_state(out_dir, model, optimizer, iterator, rank=rank, device=device)
-        if is_main:
+            run.state, latest = load_training_state(out_dir, run.model, run.optimizer, run.iterator, rank=run.rank,
+                                                    device=run.device)
+        if run.is_main:
             for warning in skipped:
                 print(f"warning: {warning.message}", file=sys.stderr, flush=True)
-            print(f"resumed from {latest} (step {state.step}, epoch {iterator.epoch})", flush=True)
-            _truncate_log(out_dir / "log.jsonl", state.step)
-    elif is_main:
+            print(f"resumed from {latest} (step {run.state.step}, epoch {run.iterator.epoch})", flush=True)
+            _truncate_log(out_dir / "log.jsonl", run.state.step)
+    elif run.is_main:
         if checkpoint_paths(out_dir):
             raise FileExistsError(f"{out_dir} holds the checkpoints of another run: resume it, or train into "
                                   "an empty directory")
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_model(model, tokenizer, out_dir, info)  # a loadable directory from the start
+        save_model(run.model, run.tokenizer, out_dir, run.info)  # a loadable directory from the start
         (out_dir / "log.jsonl").unlink(missing_ok=True)
-    if is_main:
-        atomic_write_bytes(out_dir / "train_config.json", json.dumps(config.to_dict(), indent=2).encode())
-    # "auto" is resolved here, on the machine that trains (a resumed run may be on another), timed
-    # on the run's own first batches. With several processes the choice rests on capability alone,
-    # so that every rank makes the same one.
-    def first_batches(count: int = 3) -> list:
-        stream = iter(BatchIterator(train_corpus, config.batch_tokens, shuffle=True, seed=config.seed))
-        return [batch for _, batch in zip(range(count), stream)]
+    if run.is_main:
+        atomic_write_bytes(out_dir / "train_config.json", json.dumps(run.config.to_dict(), indent=2).encode())
 
-    precision_choice = hardware.choose_precision(
-        config.precision, device,
-        timings=None if world > 1 else lambda: training_timings(
-            model, first_batches(), device, label_smoothing=config.label_smoothing),
+
+def _first_batches(run: _Run, train_corpus, count: int = 3) -> list:
+    from aiayn.data import BatchIterator
+
+    stream = iter(BatchIterator(train_corpus, run.config.batch_tokens, shuffle=True, seed=run.config.seed))
+    return [batch for _, batch in zip(range(count), stream)]
+
+
+def _resolve_precision(run: _Run, train_corpus):
+    """"auto" is resolved here, on the machine that trains (a resumed run may be on another), timed
+    on the run's own first batches. With several processes the choice rests on capability alone,
+    so that every rank makes the same one. Returns the config with the precision that will run."""
+    config = run.config
+    choice = hardware.choose_precision(
+        config.precision, run.device,
+        timings=None if run.world > 1 else lambda: training_timings(
+            run.model, _first_batches(run, train_corpus), run.device, label_smoothing=config.label_smoothing),
     )
-    if is_main:
-        if precision_choice.warning:
-            print(f"warning: {precision_choice.message}", file=sys.stderr, flush=True)
-        else:
-            print(precision_choice.message, flush=True)
-    config = config.replace(precision=precision_choice.precision)
+    if run.is_main:
+        print(f"warning: {choice.message}" if choice.warning else choice.message,
+              file=sys.stderr if choice.warning else sys.stdout, flush=True)
+    return config.replace(precision=choice.precision)
 
-    log_file = open(out_dir / "log.jsonl", "a", encoding="utf-8") if is_main else None  # noqa: SIM115
 
-    def log(record: dict[str, Any]) -> None:
-        if log_file is not None:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
+def _estimate_budget(run: _Run, train_corpus) -> BudgetEstimate:
+    """What one update costs in epochs and FLOPs (exact, from every batch of an epoch), and, for a
+    budget in minutes under a budgeted schedule, in seconds (probed on the first batches here,
+    then measured as the run goes)."""
+    from aiayn.data import BatchIterator
 
-    def checkpoint() -> None:
-        save_training_state(out_dir, model, optimizer, iterator, state, keep_last=config.keep_last, world=world,
-                            rank=rank, device=device, elapsed=state.elapsed + time.monotonic() - start)
+    config = run.config
+    per_update = config.accumulate * run.world
+    epoch = list(BatchIterator(train_corpus, config.batch_tokens, shuffle=False))
+    budget = BudgetEstimate(updates_per_epoch=len(epoch) / per_update,
+                            flops_per_update=batches_flops(_unwrap(run.model).config, epoch) * per_update / len(epoch))
+    if config.schedule != "inverse_sqrt" and config.max_minutes is not None:
+        probe = training_timings(run.model, _first_batches(run, train_corpus, config.accumulate), run.device,
+                                 (config.precision,), label_smoothing=config.label_smoothing, repeats=1)
+        budget.seconds_per_update = probe[config.precision]
+    if run.is_main and config.schedule != "inverse_sqrt":
+        total = budget.total_updates(config, step=run.state.step, epochs=run.epochs(), flops=run.state.flops,
+                                     seconds=run.state.elapsed)
+        print(f"schedule {config.schedule}: about {total:,.0f} updates in the budget "
+              f"({budget.flops_per_update / 1e9:,.1f} GFLOP per update; warmup {config.warmup_fraction:.0%} of them)",
+              flush=True)
+    return budget
 
-    def epochs_done() -> float:
-        return iterator.epoch - 1 + iterator.position / len(iterator)
 
-    def validate_and_log() -> None:
-        if not is_main or valid_corpus is None:
-            return
-        record = validate(model, tokenizer, valid_corpus, valid_references, config, device, state, out_dir, info)
-        log({**record, "epoch": round(epochs_done(), 3)})
-        message = f"step {state.step}: valid loss {record['valid_loss']:.3f} ppl {record['valid_ppl']:.2f}"
-        if "valid_bleu" in record:
-            message += f" BLEU {record['valid_bleu']:.2f}" + (" (best)" if record.get("best") else "")
-        _print_above_bar(message)
+def _should_stop(run: _Run) -> bool:
+    config, state = run.config, run.state
+    return bool(
+        run.stop_agreed
+        or (config.max_steps is not None and state.step >= config.max_steps)
+        or (config.max_epochs is not None and run.epochs() >= config.max_epochs)
+        or (config.max_tflop is not None and state.flops >= config.max_tflop * 1e12)
+        or (config.max_minutes is not None and run.seconds() >= config.max_minutes * 60)
+    )
 
-    bar = None
-    if is_main and progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=config.max_steps, initial=state.step, unit="step", dynamic_ncols=True)
+def _train_until_stopped(run: _Run, budget: BudgetEstimate, log: _RunLog, stop_request: _StopRequest) -> float:
+    """Updates until a budget is spent or a stop is asked for; logs every `log_every`, validates
+    every `eval_every` and checkpoints every `save_every` updates. Returns the target tokens seen."""
+    import time
 
-    def _print_above_bar(message: str) -> None:
-        if bar is not None:
-            bar.write(message)
-        else:
-            print(message, flush=True)
-
-    d_model = model.config.d_model
-    per_update = config.accumulate * world
-    stream = _batch_stream(iterator)
-    start = time.monotonic()
-    window_tokens, window_loss, window_nll, window_start = 0.0, 0.0, 0.0, time.monotonic()
+    config, state, model_config = run.config, run.state, _unwrap(run.model).config
+    per_update = config.accumulate * run.world
+    stream = _batch_stream(run.iterator)
+    run.started = time.monotonic()
+    window = _Window(time.monotonic())
     total_tokens = 0.0
+    while not _should_stop(run):
+        group = [next(stream) for _ in range(per_update)]  # every rank walks the same batches
+        mine = group[run.rank * config.accumulate : (run.rank + 1) * config.accumulate]
+        if run.updates_here >= 3:  # the first updates run slower (allocation, oneDNN's caches)
+            budget.seconds_per_update = (run.seconds() - state.elapsed) / run.updates_here
+        total = budget.total_updates(config, step=state.step, epochs=run.epochs(), flops=state.flops,
+                                     seconds=run.seconds())
+        lr = learning_rate_for(config, d_model=model_config.d_model, step=state.step + 1, total_updates=total)
+        try:
+            loss_sum, nll_sum, tokens, run.stop_agreed = train_step(
+                run.criterion, run.optimizer, mine, lr=lr, device=run.device, precision=config.precision,
+                world=run.world, clip_norm=config.clip_norm, stop_requested=stop_request.requested,
+            )
+        except TrainingDiverged as error:
+            last = checkpoint_paths(run.out_dir)
+            raise TrainingDiverged(
+                f"{error} at step {state.step + 1} (lr {lr:.3g}); stopping. Last good checkpoint: "
+                f"{last[-1] if last else 'none'}. Try a lower learning rate, a longer warmup, "
+                "--set clip_norm=1.0 or fp32."
+            ) from None
+        state.step += 1
+        state.flops += batches_flops(model_config, group)
+        run.updates_here += 1
+        total_tokens += tokens
+        window.add(loss_sum, nll_sum, tokens)
+        if state.step % config.log_every == 0 or _should_stop(run):
+            _log_window(run, log, window, lr, total)
+        if log.bar is not None:
+            log.bar.update(1)
+        if config.eval_every and state.step % config.eval_every == 0 and not _should_stop(run):
+            _validate_and_log(run, log)
+        if config.save_every and state.step % config.save_every == 0 and not _should_stop(run):
+            _checkpoint(run)
+    return total_tokens
 
-    stop_request = _StopRequest()
-    stop_agreed = False  # set by train_step: every rank stops at the same update
 
-    def should_stop() -> bool:
-        minutes = (state.elapsed + time.monotonic() - start) / 60
-        return bool(
-            stop_agreed
-            or (config.max_steps is not None and state.step >= config.max_steps)
-            or (config.max_epochs is not None and epochs_done() >= config.max_epochs)
-            or (config.max_minutes is not None and minutes >= config.max_minutes)
-        )
+@dataclass
+class _Window:
+    """Loss and tokens since the last log record."""
 
-    try:
-        stop_request.install()
-        while not should_stop():
-            group = [next(stream) for _ in range(per_update)]  # every rank walks the same batches
-            mine = group[rank * config.accumulate : (rank + 1) * config.accumulate]
-            lr = learning_rate(state.step + 1, d_model=d_model, warmup_steps=config.warmup_steps, scale=config.lr_scale)
-            try:
-                loss_sum, nll_sum, global_tokens, stop_agreed = train_step(
-                    criterion, optimizer, mine, lr=lr, device=device, precision=config.precision, world=world,
-                    clip_norm=config.clip_norm, stop_requested=stop_request.requested,
-                )
-            except TrainingDiverged as error:
-                last = checkpoint_paths(out_dir)
-                raise TrainingDiverged(
-                    f"{error} at step {state.step + 1} (lr {lr:.3g}); stopping. Last good checkpoint: "
-                    f"{last[-1] if last else 'none'}. Try a lower --lr-scale, a longer warmup, "
-                    "--set clip_norm=1.0 or fp32."
-                ) from None
-            state.step += 1
-            window_tokens += global_tokens
-            total_tokens += global_tokens
-            window_loss += loss_sum
-            window_nll += nll_sum
+    start: float
+    tokens: float = 0.0
+    loss: float = 0.0
+    nll: float = 0.0
 
-            if state.step % config.log_every == 0 or should_stop():
-                now = time.monotonic()
-                record = {
-                    "step": state.step, "epoch": round(epochs_done(), 3), "loss": window_loss / window_tokens,
-                    "nll": window_nll / window_tokens, "ppl": float(np.exp(min(window_nll / window_tokens, 50))),
-                    "lr": lr, "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                    "elapsed_s": round(state.elapsed + now - start, 1),
-                }
-                log(record)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                    ep=f"{record['epoch']:.1f}", min=f"{record['elapsed_s'] / 60:.1f}")
-                window_tokens = window_loss = window_nll = 0.0
-                window_start = now
-            if bar is not None:
-                bar.update(1)
-            if config.eval_every and state.step % config.eval_every == 0 and not should_stop():
-                validate_and_log()
-            if config.save_every and state.step % config.save_every == 0 and not should_stop():
-                checkpoint()
-        validate_and_log()
-        checkpoint()
-    finally:
-        stop_request.restore()
-        if bar is not None:
-            bar.close()
-        if log_file is not None:
-            log_file.close()
-    elapsed = state.elapsed + time.monotonic() - start
-    if is_main:
-        if valid_corpus is None or valid_references is None:
-            save_model(model, tokenizer, out_dir, {**info, "step": state.step})
-        plot_curves(out_dir / "log.jsonl", out_dir / "curves.png")
+    def add(self, loss_sum: float, nll_sum: float, tokens: float) -> None:
+        self.loss += loss_sum
+        self.nll += nll_sum
+        self.tokens += tokens
+
+
+def _log_window(run: _Run, log: _RunLog, window: _Window, lr: float, total_updates: float) -> None:
+    import time
+
+    now = time.monotonic()
+    nll = window.nll / window.tokens
+    record = {
+        "step": run.state.step, "epoch": round(run.epochs(), 3), "loss": window.loss / window.tokens, "nll": nll,
+        "ppl": math.exp(min(nll, 50)), "lr": lr, "tokens_per_s": window.tokens / max(now - window.start, 1e-9),
+        "elapsed_s": round(run.seconds(), 1), "tflop": round(run.state.flops / 1e12, 4),
+    }
+    if math.isfinite(total_updates):
+        record["budget_updates"] = round(total_updates)
+    log.record(record)
+    if log.bar is not None:
+        log.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            ep=f"{record['epoch']:.1f}", tflop=f"{record['tflop']:.1f}",
+                            min=f"{record['elapsed_s'] / 60:.1f}")
+    window.start, window.tokens, window.loss, window.nll = now, 0.0, 0.0, 0.0
+
+
+def _validate_and_log(run: _Run, log: _RunLog) -> None:
+    if not run.is_main or run.valid_corpus is None:
+        return
+    record = validate(run.model, run.tokenizer, run.valid_corpus, run.valid_references, run.config, run.device,
+                      run.state, run.out_dir, run.info)
+    log.record({**record, "epoch": round(run.epochs(), 3), "tflop": round(run.state.flops / 1e12, 4)})
+    message = f"step {run.state.step}: valid loss {record['valid_loss']:.3f} ppl {record['valid_ppl']:.2f}"
+    if "valid_bleu" in record:
+        message += f" BLEU {record['valid_bleu']:.2f}" + (" (best)" if record.get("best") else "")
+    log.say(message)
+
+
+def _checkpoint(run: _Run) -> None:
+    save_training_state(run.out_dir, run.model, run.optimizer, run.iterator, run.state,
+                        keep_last=run.config.keep_last, world=run.world, rank=run.rank, device=run.device,
+                        elapsed=run.seconds())
+
+
+def _finish(run: _Run, total_tokens: float) -> dict[str, Any]:
+    """The model directory where validation did not write one, the curves, and the summary."""
+    from aiayn.visualize import plot_curves
+
+    elapsed = run.seconds()
+    if run.is_main:
+        if run.valid_corpus is None or run.valid_references is None:
+            save_model(run.model, run.tokenizer, run.out_dir, {**run.info, "step": run.state.step})
+        plot_curves(run.out_dir / "log.jsonl", run.out_dir / "curves.png")
     return {
-        "steps": state.step, "epochs": epochs_done(),
-        "best_valid_bleu": state.best_bleu if state.best_bleu > float("-inf") else None,
-        "elapsed_s": elapsed, "tokens_per_s": total_tokens / max(time.monotonic() - start, 1e-9),
-        "precision": config.precision,
+        "steps": run.state.step, "epochs": run.epochs(), "tflop": round(run.state.flops / 1e12, 4),
+        "best_valid_bleu": run.state.best_bleu if run.state.best_bleu > float("-inf") else None,
+        "elapsed_s": elapsed, "tokens_per_s": total_tokens / max(elapsed - run.state.elapsed, 1e-9),
+        "precision": run.config.precision,
     }
 
 
@@ -605,39 +725,10 @@ def validation_bleu(model: Transformer, tokenizer: Tokenizer, corpus, references
     return sacrebleu.corpus_bleu(ordered, [references[:count]]).score
 
 
-def plot_curves(log_path: Path, png_path: Path) -> Path | None:
-    """Training loss and validation loss / BLEU against updates, as a PNG (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install 'aiayn[viz]'): no curves.png", flush=True)
-        return None
-    records = [json.loads(line) for line in Path(log_path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    train = [r for r in records if "loss" in r]
-    valid = [r for r in records if "valid_loss" in r]
-    bleu = [r for r in records if "valid_bleu" in r]
-    fig, (ax_loss, ax_bleu) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train (smoothed)")
-    ax_loss.plot([r["step"] for r in valid], [r["valid_loss"] for r in valid], "o-", label="validation (smoothed)")
-    ax_loss.set_xlabel("update")
-    ax_loss.set_ylabel("loss (nats / token)")
-    ax_loss.legend()
-    ax_bleu.plot([r["step"] for r in bleu], [r["valid_bleu"] for r in bleu], "o-", color="tab:green")
-    ax_bleu.set_xlabel("update")
-    ax_bleu.set_ylabel("validation BLEU")
-    fig.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return png_path
-
-
 # --- command line ----------------------------------------------------------------------------
 
-_STOPPING = {"max_steps": "max_steps", "max_epochs": "max_epochs", "max_minutes": "max_minutes"}
+_STOPPING = {"max_steps": "max_steps", "max_epochs": "max_epochs", "max_minutes": "max_minutes",
+             "max_tflop": "max_tflop"}
 _FLAGS = {
     "batch_tokens": "batch_tokens", "accumulate": "accumulate", "lr_scale": "lr_scale",
     "warmup_steps": "warmup_steps", "precision": "precision", "device": "device", "seed": "seed",

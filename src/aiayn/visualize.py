@@ -465,3 +465,35 @@ __all__ = [
     "KINDS", "attention_figsize", "font_families", "plot_attention", "plot_attention_result",
     "plot_position_bias", "plot_positional_encoding", "position_similarity", "require_matplotlib",
 ]
+
+
+def plot_curves(log_path: str | Path, png_path: str | Path) -> Path | None:
+    """A run's training loss, validation loss and validation BLEU from its log.jsonl, as a PNG:
+    against training compute (TFLOP, `aiayn.compute`) where the log records it, else against
+    updates. Without matplotlib, says so and returns None (a run's curves are optional)."""
+    import json
+
+    try:
+        mpl = require_matplotlib()
+    except ImportError as error:
+        print(f"{error}: no {Path(png_path).name}", flush=True)
+        return None
+    records = [json.loads(line) for line in Path(log_path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    axis = "tflop" if records and all("tflop" in r for r in records) else "step"
+    train = [r for r in records if "loss" in r]
+    valid = [r for r in records if "valid_loss" in r]
+    bleu = [r for r in records if "valid_bleu" in r]
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    with mpl.rc_context({"font.family": [DEFAULT_FONT]}):
+        figure = mpl.figure.Figure(figsize=(11, 4), dpi=100, layout="constrained")
+        mpl.backends.backend_agg.FigureCanvasAgg(figure)
+        ax_loss, ax_bleu = figure.subplots(1, 2)
+        ax_loss.plot([r[axis] for r in train], [r["loss"] for r in train], label="train (smoothed)")
+        ax_loss.plot([r[axis] for r in valid], [r["valid_loss"] for r in valid], "o-", label="validation (smoothed)")
+        ax_loss.set(xlabel="training compute (TFLOP)" if axis == "tflop" else "update", ylabel="loss (nats / token)")
+        ax_loss.legend()
+        ax_bleu.plot([r[axis] for r in bleu], [r["valid_bleu"] for r in bleu], "o-", color="tab:green")
+        ax_bleu.set(xlabel=ax_loss.get_xlabel(), ylabel="validation BLEU")
+        figure.savefig(png_path, format="png")
+    return png_path
