@@ -445,8 +445,8 @@ def test_training_state_saves_and_restores_without_a_run(tmp_path, corpus):
         train_step(TranslationLoss(model, label_smoothing=0.1), optimizer, [next(stream)], lr=1e-3,
                    device=torch.device("cpu"), precision="fp32")
     torch.manual_seed(99)
-    save_training_state(tmp_path, model, optimizer, iterator, TrainingState(2, 12.5, 30.0, "run-a", 3.5e12), elapsed=40.0,
-                        keep_last=2)
+    save_training_state(tmp_path, model, optimizer, iterator, TrainingState(2, 12.5, 30.0, "run-a", 3.5e12),
+                        elapsed=40.0, keep_last=2)
     expected_draw = torch.rand(2)
     torch.manual_seed(0)  # a fresh process state
     fresh_model, fresh_optimizer, fresh_iterator = parts()
