@@ -39,18 +39,26 @@ from aiayn.translator import Translator
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "multi30k-de-en-demo.yaml"
 
-# The paper-faithful baseline the demo used before budgeted schedules: Adam + inverse square root.
-OLD_DEMO = {"model": {"dropout": 0.1}, "train": {"schedule": "inverse_sqrt", "lr_scale": 0.5, "warmup_steps": 400,
-                                                  "optimizer": "adam", "label_smoothing": 0.1}}
+# The demo recipe before budgeted schedules: the paper's post-LN, sinusoids, Adam + inverse square root.
+OLD_DEMO = {"model": {"dropout": 0.1, "norm_first": False, "positional_encoding": "sinusoidal"},
+            "train": {"schedule": "inverse_sqrt", "lr_scale": 0.5, "warmup_steps": 400, "optimizer": "adam",
+                      "batch_tokens": 2048}}
 
-# How the demo recipe was chosen (on val), step by step from the old demo recipe.
-_LINEAR = {"schedule": "linear", "warmup_fraction": 0.05}
+# How the demo recipe was chosen (on val, 10 TFLOP, seed 1), step by step from the old demo recipe.
+_OLD_MODEL = {"norm_first": False, "positional_encoding": "sinusoidal"}
+_LINEAR = {"schedule": "linear", "warmup_fraction": 0.05, "optimizer": "adam", "batch_tokens": 2048}
+_PRELN_ROPE = {"norm_first": True, "positional_encoding": "rope"}
 SELECTION: dict[str, dict] = {
-    "path-linear": {"model": {"dropout": 0.1}, "train": {**_LINEAR, "peak_lr": 2.2e-3}},
-    "path-linear-d0-lr3e-3": {"model": {"dropout": 0.0}, "train": {**_LINEAR, "peak_lr": 3e-3}},
-    "path-rope": {"model": {"dropout": 0.0, "positional_encoding": "rope"}, "train": {**_LINEAR, "peak_lr": 3e-3}},
-    "path-muon": {"model": {"dropout": 0.0}, "train": {**_LINEAR, "peak_lr": 3e-3, "optimizer": "muon"}},
-    "path-batch1k": {"model": {"dropout": 0.0}, "train": {**_LINEAR, "peak_lr": 3e-3, "batch_tokens": 1024}},
+    "path-linear": {"model": {**_OLD_MODEL, "dropout": 0.1}, "train": {**_LINEAR, "peak_lr": 2.2e-3}},
+    "path-linear-d0-lr3e-3": {"model": {**_OLD_MODEL, "dropout": 0.0}, "train": {**_LINEAR, "peak_lr": 3e-3}},
+    "path-muon": {"model": {**_OLD_MODEL, "dropout": 0.0}, "train": {**_LINEAR, "peak_lr": 3e-3, "optimizer": "muon"}},
+    # Post-LN stalls at these rates with a short warmup (above); pre-LN (Xiong et al. 2020) does not.
+    "path-preln-rope-b1k": {"model": {**_PRELN_ROPE, "dropout": 0.0},
+                            "train": {**_LINEAR, "peak_lr": 3e-3, "batch_tokens": 1024}},
+    "path-preln-rope-b1k-d0.1": {"model": {**_PRELN_ROPE, "dropout": 0.1},
+                                 "train": {**_LINEAR, "peak_lr": 3e-3, "batch_tokens": 1024}},
+    "path-preln-rope-b1k-muon": {"model": {**_PRELN_ROPE, "dropout": 0.0},
+                                 "train": {**_LINEAR, "peak_lr": 3e-3, "batch_tokens": 1024, "optimizer": "muon"}},
 }
 
 # name -> changes to the demo recipe ("model", "train", "vocab_size"). One thing at a time.
@@ -58,11 +66,11 @@ VARIANTS: dict[str, dict] = {
     "demo": {},
     "old-demo": OLD_DEMO,
     # optimizer
-    "adamw-wd0.01": {"train": {"optimizer": "adamw", "weight_decay": 0.01}},
+    "adam": {"train": {"optimizer": "adam"}},
+    "adamw": {"train": {"optimizer": "adamw", "weight_decay": 0.01}},
     "sgd": {"train": {"optimizer": "sgd", "peak_lr": 0.3}},
-    "muon": {"train": {"optimizer": "muon"}},
-    # schedule
-    "inverse-sqrt": {"train": {"schedule": "inverse_sqrt", "warmup_steps": 20}},
+    # schedule (inverse_sqrt: the same peak, 3e-3, after the same 35 warmup updates)
+    "inverse-sqrt": {"train": {"schedule": "inverse_sqrt", "warmup_steps": 35, "lr_scale": 0.2}},
     "constant": {"train": {"schedule": "constant"}},
     "cosine": {"train": {"schedule": "cosine"}},
     "wsd": {"train": {"schedule": "wsd"}},
@@ -72,15 +80,15 @@ VARIANTS: dict[str, dict] = {
     "dropout0.1": {"model": {"dropout": 0.1}},
     "dropout0.3": {"model": {"dropout": 0.3}},
     # tokens per update at fixed compute
-    "batch1k": {"train": {"batch_tokens": 1024}},
-    "batch4k": {"train": {"batch_tokens": 4096}},
+    "batch512": {"train": {"batch_tokens": 512}},
+    "batch2k": {"train": {"batch_tokens": 2048}},
     # shape at fixed compute
-    "wide": {"model": {"d_model": 256, "n_heads": 4, "d_ff": 1024, "n_encoder_layers": 2, "n_decoder_layers": 2}},
+    "wide": {"model": {"d_model": 256, "d_ff": 1024, "n_encoder_layers": 2, "n_decoder_layers": 2}},
     "deep-enc": {"model": {"n_encoder_layers": 6, "n_decoder_layers": 1}},
     "vocab3k": {"vocab_size": 3000},
     "vocab8k": {"vocab_size": 8000},
-    "rope": {"model": {"positional_encoding": "rope"}},
-    "pre-ln": {"model": {"norm_first": True}},
+    "sinusoidal": {"model": {"positional_encoding": "sinusoidal"}},
+    "post-ln": {"model": {"norm_first": False}},
     **SELECTION,
 }
 
