@@ -142,7 +142,7 @@ def test_a_request_that_fails_its_batch_fails_alone(translator, reference) -> No
     wrapped = Wrapped(translator, crash_on_poison)
     app = create_app(wrapped, max_batch_sentences=64, max_wait_ms=50)
     texts = [SENTENCES[i % 4] + " " * (i // 4) for i in range(7)]
-    expected = [reference.translate([text], beam_size=1)[0] for text in texts]
+    expected = [reference.translate([text], DecodeConfig(beam_size=1))[0] for text in texts]
     with background_server(app) as url:
         gate = blocked(app)  # all 8 requests queue up and make one batch
         bodies = [{"text": text, "beam_size": 1} for text in ["POISON"] + texts]
