@@ -12,6 +12,7 @@ from aiayn.evaluate import bleu, format_scores, score
 from aiayn.tokenizer import Tokenizer
 from aiayn.checkpoint import save_model
 from aiayn.translator import Translator
+from aiayn.config import DecodeConfig
 
 HYP = "the cat sat on the mat"
 REF = "the cat sat on a mat"
@@ -93,7 +94,7 @@ def test_cli_evaluate_model_translates_then_scores(tmp_path, capsys):
             "--beam", "2", "--max-len-b", "5", "--save-hyp", str(out), "--json"]
     assert main(args) == 0
     printed = json.loads(capsys.readouterr().out)
-    expected_hyps = Translator.load(tmp_path / "model").translate(sentences[:3], beam_size=2, max_len_b=5)
+    expected_hyps = Translator.load(tmp_path / "model").translate(sentences[:3], DecodeConfig(beam_size=2, max_len_b=5))
     assert out.read_text(encoding="utf-8").splitlines() == expected_hyps
     assert printed["bleu"] == pytest.approx(score(expected_hyps, ref.read_text().splitlines())["bleu"])
     assert main(["evaluate", "--model", str(tmp_path / "model"), "--ref", str(ref)]) == 2

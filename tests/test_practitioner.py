@@ -151,7 +151,8 @@ def test_sampling_is_reproducible_and_batching_never_changes_a_sample(translator
 def test_a_tiny_nucleus_is_greedy_search(translator):
     src = _sources(translator, [s for s in SOURCES if s])
     greedy = beam_search(translator.model, src, beam_size=1, max_len_b=10, length_penalty=0.0)
-    sampled = sample_search(translator.model, src, seeds=[1, 2, 3, 4], topp=1e-9, max_len_b=10, length_penalty=0.0)
+    nucleus = DecodeConfig(sampling_topk=0, sampling_topp=1e-9, max_len_b=10, length_penalty=0.0)
+    sampled = sample_search(translator.model, src, nucleus, seeds=[1, 2, 3, 4])
     assert [h[0].tokens for h in sampled] == [h[0].tokens for h in greedy]
     assert [h[0].log_prob for h in sampled] == pytest.approx([h[0].log_prob for h in greedy], abs=1e-4)
 

@@ -116,7 +116,7 @@ def test_translate_texts_with_settings(client, reference) -> None:
     body = {"texts": SENTENCES, "beam_size": 2, "length_penalty": 1.0}
     response = client.post("/translate", json=body)
     assert response.status_code == 200, response.text
-    expected = reference.translate(SENTENCES, beam_size=2, length_penalty=1.0)
+    expected = reference.translate(SENTENCES, DecodeConfig(beam_size=2, length_penalty=1.0))
     assert response.json()["translations"] == expected
     assert "nbest" not in response.json()
 
@@ -125,7 +125,7 @@ def test_translate_nbest_lists_are_sorted_and_lead_with_the_translation(client, 
     response = client.post("/translate", json={"texts": SENTENCES[:2], "beam_size": 4, "nbest": 3})
     assert response.status_code == 200, response.text
     body = response.json()
-    expected = reference.translate(SENTENCES[:2], beam_size=4, nbest=3)
+    expected = reference.translate(SENTENCES[:2], DecodeConfig(beam_size=4, nbest=3))
     assert [[h["text"] for h in hyps] for hyps in body["nbest"]] == [
         [t for t, _ in hyps] for hyps in expected
     ]
@@ -178,7 +178,7 @@ def test_translate_returns_alignments_and_samples_on_request(client, reference) 
     response = client.post("/translate", json={"texts": SENTENCES[:2], "alignment": True, "nbest": 2})
     assert response.status_code == 200, response.text
     body = response.json()
-    expected = reference.translate(SENTENCES[:2], nbest=2, return_scores=True)
+    expected = reference.translate(SENTENCES[:2], DecodeConfig(nbest=2), return_scores=True)
     flat = [(SENTENCES[i], text) for i, hyps in enumerate(expected) for text, _ in hyps]
     alignments = reference.align([s for s, _ in flat], [t for _, t in flat])
     assert [h["alignment"] for hyps in body["nbest"] for h in hyps] == alignments

@@ -11,6 +11,7 @@ from aiayn.inference import compile as compile_module
 from aiayn.inference import prepack
 from aiayn import translator as translator_module
 from aiayn.cli import main
+from aiayn.config import DecodeConfig
 from aiayn.data import read_parallel
 from aiayn.search import beam_search
 from aiayn.tokenizer import Tokenizer
@@ -52,25 +53,25 @@ def test_translate_keeps_order_and_empty_lines(translator):
     if prepack.available():  # on the CPU the fp32 linear layers run pre-packed for oneDNN
         assert isinstance(translator.model.output_projection, prepack.PackedLinear)
         assert not any(isinstance(m, torch.nn.Linear) for m in translator.model.modules())
-    out = translator.translate(SENTENCES, beam_size=2, max_len_b=8)
+    out = translator.translate(SENTENCES, DecodeConfig(beam_size=2, max_len_b=8))
     assert len(out) == len(SENTENCES)
     assert out[1] == "" and out[3] == ""
-    singles = [translator.translate([s], beam_size=2, max_len_b=8)[0] for s in SENTENCES]
+    singles = [translator.translate([s], DecodeConfig(beam_size=2, max_len_b=8))[0] for s in SENTENCES]
     assert out == singles
     assert all(out[i] for i in (0, 2, 4, 5))  # the random model does say something
     # One sentence per batch gives the same again (length sorting and unsorting are consistent).
-    assert translator.translate(SENTENCES, beam_size=2, max_len_b=8, batch_tokens=1) == out
+    assert translator.translate(SENTENCES, DecodeConfig(beam_size=2, max_len_b=8), batch_tokens=1) == out
 
 
 def test_translate_matches_beam_search_ids(translator):
     sentence = SENTENCES[2]
     ids = translator.tokenizer.encode(sentence)
     hyps = beam_search(translator.model, torch.tensor([ids]), beam_size=3, nbest=3, max_len_b=6)[0]
-    scored = translator.translate([sentence], beam_size=3, nbest=3, max_len_b=6)[0]
+    scored = translator.translate([sentence], DecodeConfig(beam_size=3, nbest=3, max_len_b=6))[0]
     assert [text for text, _ in scored] == [translator.tokenizer.decode(h.tokens) for h in hyps]
     assert [score for _, score in scored] == pytest.approx([h.score for h in hyps])
     assert [s for _, s in scored] == sorted((s for _, s in scored), reverse=True)
-    single = translator.translate([sentence, ""], beam_size=3, max_len_b=6, return_scores=True)
+    single = translator.translate([sentence, ""], DecodeConfig(beam_size=3, max_len_b=6), return_scores=True)
     assert single[0] == [scored[0]] and single[1] == [("", 0.0)]
 
 
@@ -78,7 +79,7 @@ def test_overlong_line_warns_and_is_truncated(translator):
     long_line = " ".join(["Ein Mann mit einem Hut."] * 20)
     assert len(translator.tokenizer.encode(long_line)) > MAX_POSITIONS
     with pytest.warns(UserWarning, match=r"line 2: \d+ source pieces exceed"):
-        out = translator.translate(["Kinder.", long_line], beam_size=2, max_len_a=2.0, max_len_b=50)
+        out = translator.translate(["Kinder.", long_line], DecodeConfig(beam_size=2, max_len_a=2.0, max_len_b=50))
     assert len(out) == 2
     # The same as translating the first max_positions pieces, with no warning; the output is
     # capped at max_positions - 1 pieces although a * S + b = 130.
@@ -99,7 +100,7 @@ def test_translate_bf16_casts_weights_once_and_stays_close_to_fp32(model_dir, tr
     else:
         assert isinstance(linear1, torch.nn.Linear) and linear1.weight.dtype == torch.bfloat16
     assert bf16.model.positions.table.dtype == torch.float32  # sin / cos kept exact
-    out = bf16.translate(SENTENCES[:3], beam_size=2, max_len_b=5)
+    out = bf16.translate(SENTENCES[:3], DecodeConfig(beam_size=2, max_len_b=5))
     assert len(out) == 3 and out[1] == ""
     # Teacher-forced log-probs: bf16 weights move them a little, never a lot.
     src = torch.tensor([translator.tokenizer.encode(SENTENCES[0])])
@@ -121,8 +122,8 @@ def test_auto_precision_is_fp32_without_native_bf16(model_dir, translator, monke
     auto = Translator.load(model_dir, precision="auto")
     assert auto.precision == "fp32" and auto.precision_choice.message.startswith("precision auto -> fp32 (no native")
     assert auto.model.src_embedding.weight.dtype == torch.float32
-    expected = translator.translate(SENTENCES, beam_size=2, max_len_b=8)
-    assert auto.translate(SENTENCES, beam_size=2, max_len_b=8) == expected
+    expected = translator.translate(SENTENCES, DecodeConfig(beam_size=2, max_len_b=8))
+    assert auto.translate(SENTENCES, DecodeConfig(beam_size=2, max_len_b=8)) == expected
 
 
 def _no_measurement(*args, **kwargs):
@@ -170,7 +171,7 @@ def test_explicit_bf16_without_native_bf16_warns_and_runs_unpacked(model_dir, tr
         exact = torch.log_softmax(translator.model(src, tgt).float(), dim=-1)
         approx = torch.log_softmax(bf16.model(src, tgt).float(), dim=-1)
     assert 0 < (exact - approx).abs().max().item() < 0.1
-    out = bf16.translate(SENTENCES, beam_size=2, max_len_b=5)
+    out = bf16.translate(SENTENCES, DecodeConfig(beam_size=2, max_len_b=5))
     assert out[1] == "" and all(out[i] for i in (0, 2, 4, 5))
 
 
@@ -211,7 +212,7 @@ def test_attention_shapes_and_rows_sum_to_one(translator):
 
 def test_attention_of_own_translation(translator):
     result = translator.attention("Zwei Hunde spielen.")
-    assert result.translation == translator.translate(["Zwei Hunde spielen."], beam_size=4)[0]
+    assert result.translation == translator.translate(["Zwei Hunde spielen."], DecodeConfig(beam_size=4))[0]
     assert result.cross.shape[2] == len(result.target_tokens)
     with pytest.raises(ValueError, match="non-empty"):
         translator.attention("  ")
@@ -226,7 +227,7 @@ def test_cli_translate_stdin_stdout(model_dir, translator, monkeypatch, capsys):
     assert main(["translate", "--model", str(model_dir), "--beam", "2", "--max-len-b", "8", "--precision", "fp32"]) == 0
     lines = capsys.readouterr().out.split("\n")
     assert lines[-1] == ""  # trailing newline
-    assert lines[:-1] == translator.translate(SENTENCES, beam_size=2, max_len_b=8)
+    assert lines[:-1] == translator.translate(SENTENCES, DecodeConfig(beam_size=2, max_len_b=8))
 
 
 def test_cli_translate_nbest_file(model_dir, translator, tmp_path, capsys):
@@ -237,7 +238,7 @@ def test_cli_translate_nbest_file(model_dir, translator, tmp_path, capsys):
             "--precision", "fp32", "--input", str(source), "--output", str(output)]
     assert main(args) == 0
     lines = output.read_text(encoding="utf-8").splitlines()
-    expected = translator.translate(["Kinder.", "", "Ein Hund."], beam_size=3, nbest=2, max_len_b=6)
+    expected = translator.translate(["Kinder.", "", "Ein Hund."], DecodeConfig(beam_size=3, nbest=2, max_len_b=6))
     assert lines == [f"{i} ||| {text} ||| {score:.4f}" for i, entries in enumerate(expected) for text, score in entries]
     assert [line.split(" ||| ")[0] for line in lines] == ["0", "0", "1", "2", "2"]
 
@@ -254,8 +255,8 @@ def test_int8_without_vnni_translates_in_fp32_with_a_warning(model_dir, translat
     with pytest.warns(RuntimeWarning, match="has no VNNI: .* so fp32 runs instead"):
         fallback = Translator.load(model_dir, precision="int8")
     assert fallback.precision == "fp32"
-    assert fallback.translate(SENTENCES, beam_size=2, max_len_b=8) == translator.translate(SENTENCES, beam_size=2,
-                                                                                            max_len_b=8)
+    decode = DecodeConfig(beam_size=2, max_len_b=8)
+    assert fallback.translate(SENTENCES, decode) == translator.translate(SENTENCES, decode)
 
 
 @pytest.mark.skipif(not hardware.detect().cpu_vnni,
@@ -263,9 +264,9 @@ def test_int8_without_vnni_translates_in_fp32_with_a_warning(model_dir, translat
 def test_translate_int8_quantises_linear_layers_and_keeps_alignment(model_dir, translator):
     int8 = Translator.load(model_dir, precision="int8")
     assert not any(isinstance(m, torch.nn.Linear) for m in int8.model.modules())
-    out = int8.translate(SENTENCES, beam_size=2, max_len_b=5)
+    out = int8.translate(SENTENCES, DecodeConfig(beam_size=2, max_len_b=5))
     assert len(out) == len(SENTENCES) and out[1] == "" and out[3] == ""
-    assert out == [int8.translate([s], beam_size=2, max_len_b=5)[0] for s in SENTENCES]
+    assert out == [int8.translate([s], DecodeConfig(beam_size=2, max_len_b=5))[0] for s in SENTENCES]
     with pytest.raises(ValueError, match="int8 runs on the CPU only"):
         Translator.load(model_dir, device="cuda", precision="int8")
 
@@ -305,9 +306,9 @@ def test_compiled_decoder_translates_as_eager(model_dir, precision, monkeypatch)
             )
             torch.testing.assert_close(compiled_logits, eager_logits, atol=1e-4, rtol=1e-4)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # it did compile
-    out = compiled.translate(SENTENCES, beam_size=2, max_len_b=8)
-    assert out == eager.translate(SENTENCES, beam_size=2, max_len_b=8)
-    assert out == [compiled.translate([s], beam_size=2, max_len_b=8)[0] for s in SENTENCES]
+    out = compiled.translate(SENTENCES, DecodeConfig(beam_size=2, max_len_b=8))
+    assert out == eager.translate(SENTENCES, DecodeConfig(beam_size=2, max_len_b=8))
+    assert out == [compiled.translate([s], DecodeConfig(beam_size=2, max_len_b=8))[0] for s in SENTENCES]
 
 
 def test_float_models_autotune_on_the_cpu(monkeypatch):
@@ -334,8 +335,8 @@ def test_compile_without_a_compiler_warns_and_runs_eagerly(model_dir, translator
     with pytest.warns(RuntimeWarning, match="--compile needs a C\\+\\+ compiler"):
         eager = Translator.load(model_dir, precision="fp32", compile=True)
     assert eager.model.decode.__func__ is Transformer.decode  # not routed through torch.compile
-    assert eager.translate(SENTENCES, beam_size=2, max_len_b=8) == translator.translate(SENTENCES, beam_size=2,
-                                                                                         max_len_b=8)
+    decode = DecodeConfig(beam_size=2, max_len_b=8)
+    assert eager.translate(SENTENCES, decode) == translator.translate(SENTENCES, decode)
 
 
 def test_translator_leaves_the_callers_model_alone_and_trainable(model_dir, translator):
@@ -358,8 +359,8 @@ def test_translator_leaves_the_callers_model_alone_and_trainable(model_dir, tran
     linear1 = model.decoder_layers[0].feed_forward.linear1
     assert isinstance(linear1, torch.nn.Linear) and linear1.weight.grad is not None
     fp32 = Translator(model, tokenizer, precision="fp32")
-    assert fp32.translate(SENTENCES, beam_size=2, max_len_b=8) == translator.translate(SENTENCES, beam_size=2,
-                                                                                        max_len_b=8)
+    decode = DecodeConfig(beam_size=2, max_len_b=8)
+    assert fp32.translate(SENTENCES, decode) == translator.translate(SENTENCES, decode)
 
 
 def test_compiling_an_int8_model_with_frozen_weights_raises():
@@ -372,14 +373,13 @@ def test_compiling_an_int8_model_with_frozen_weights_raises():
 
 def test_one_decode_config_from_the_cli_through_the_translator(translator):
     from aiayn.cli import _decode_config, build_parser
-    from aiayn.config import DecodeConfig
 
     args = build_parser().parse_args(["translate", "--model", "m"])
     assert _decode_config(args, nbest=args.nbest) == DecodeConfig()  # the CLI's defaults are DecodeConfig's
+    # The Translator takes the DecodeConfig whole (its default is DecodeConfig()); validation is DecodeConfig's.
+    assert translator.translate(SENTENCES[:2]) == translator.translate(SENTENCES[:2], DecodeConfig())
     decode = DecodeConfig(beam_size=2, max_len_b=8)
-    assert translator.translate(SENTENCES, decode) == translator.translate(SENTENCES, beam_size=2, max_len_b=8)
-    # A keyword replaces that field of the config given; validation is DecodeConfig's.
-    assert translator.translate(SENTENCES[:1], decode, beam_size=1) == translator.translate(
-        SENTENCES[:1], beam_size=1, max_len_b=8)
+    short = decode.replace(max_len_a=0.0, max_len_b=1)
+    assert translator.translate(SENTENCES[:1], decode) != translator.translate(SENTENCES[:1], short)
     with pytest.raises(ValueError, match=r"nbest must be an int in \[1, 2\], got 3"):
-        translator.translate(SENTENCES, decode, nbest=3)
+        translator.translate(SENTENCES, decode.replace(nbest=3))

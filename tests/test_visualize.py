@@ -16,6 +16,7 @@ import matplotlib.image
 
 from aiayn import ModelConfig, Transformer
 from aiayn.cli import main
+from aiayn.config import DecodeConfig
 from aiayn.model import sinusoidal_table
 from aiayn.tokenizer import Tokenizer
 from aiayn.checkpoint import load_model, save_model
@@ -125,7 +126,7 @@ def test_attention_without_target_uses_the_beam_translation(model_dir: Path) -> 
     translator = Translator.load(model_dir)
     source = "Zwei Hunde spielen."
     own = translator.attention(source)
-    assert own.translation == translator.translate([source], beam_size=4)[0]
+    assert own.translation == translator.translate([source], DecodeConfig(beam_size=4))[0]
     assert own.target_tokens[-1] == "</s>" and own.target_input_tokens[0] == "<s>"
     assert own.cross.shape[2] == len(own.target_tokens)
     assert torch.allclose(own.cross.sum(-1), torch.ones(own.cross.shape[:-1]), atol=1e-5)

@@ -162,7 +162,20 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 }
 
 
-MAX_BEAM_SIZE = 128
+# Decoding bounds, so that a typo cannot ask for hours of search; a request to the server, which
+# shares one model among its clients, is bounded tighter.
+MAX_BEAM_SIZE = 128  # beam size, and samples per sentence
+SERVER_MAX_BEAM_SIZE = 16  # per HTTP request: beams, and samples per sentence
+SERVER_MAX_SAMPLING_TOPK = 100_000
+MAX_LENGTH_PENALTY = 10.0
+MAX_MAX_LEN_A = 10.0
+MAX_TEMPERATURE = 100.0
+MAX_SEED = (1 << 63) - 1
+
+
+def is_sampling(sampling_topk: int, sampling_topp: float) -> bool:
+    """Whether these settings sample (CTranslate2's convention): sampling_topk != 1 or sampling_topp < 1."""
+    return sampling_topk != 1 or sampling_topp < 1.0
 
 
 @dataclass(frozen=True)
@@ -186,34 +199,25 @@ class DecodeConfig(_DictConfig):
     seed: int = 0  # with the sentence, it fixes its samples (`Translator.translate`)
 
     def __post_init__(self) -> None:
-        # Bounded so that a typo cannot ask for hours of search (the server bounds beams tighter).
         _check_int("beam_size", self.beam_size, 1, MAX_BEAM_SIZE)
-        _check_number("length_penalty", self.length_penalty, 0.0, 10.0)
+        _check_number("length_penalty", self.length_penalty, 0.0, MAX_LENGTH_PENALTY)
         _check_int("nbest", self.nbest, 1, MAX_BEAM_SIZE if self.sampling else self.beam_size)
-        _check_number("max_len_a", self.max_len_a, 0.0, 10.0)
+        _check_number("max_len_a", self.max_len_a, 0.0, MAX_MAX_LEN_A)
         _check_int("max_len_b", self.max_len_b, 0, MODEL_LIMITS["max_positions"])
         _check_int("sampling_topk", self.sampling_topk, 0, MODEL_LIMITS["vocab_size"])
         _check_number("sampling_topp", self.sampling_topp, 0.0, 1.0)
         _check(self.sampling_topp > 0, f"sampling_topp must be > 0, got {self.sampling_topp}")
-        _check_number("temperature", self.temperature, 0.0, 100.0)
+        _check_number("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
         _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
-        _check_int("seed", self.seed, 0, (1 << 63) - 1)
+        _check_int("seed", self.seed, 0, MAX_SEED)
 
     @property
     def sampling(self) -> bool:
-        """Whether translations are sampled (`aiayn.search.sample_search`) rather than searched."""
-        return self.sampling_topk != 1 or self.sampling_topp < 1.0
+        """Whether translations are sampled (`aiayn.search.Sampling`) rather than searched."""
+        return is_sampling(self.sampling_topk, self.sampling_topp)
 
-    def search_arguments(self) -> dict[str, Any]:
-        """The keyword arguments of `aiayn.search.beam_search`."""
-        return {name: getattr(self, name) for name in ("beam_size", "length_penalty", "max_len_a", "max_len_b",
-                                                        "nbest")}
 
-    def sampling_arguments(self) -> dict[str, Any]:
-        """The keyword arguments of `aiayn.search.sample_search` (but its per-sentence seeds)."""
-        return {"samples": self.nbest, "topk": self.sampling_topk, "topp": self.sampling_topp,
-                "temperature": self.temperature, "length_penalty": self.length_penalty,
-                "max_len_a": self.max_len_a, "max_len_b": self.max_len_b}
+PAPER_DECODE = DecodeConfig()  # beam 4, length penalty 0.6, max length S + 50 (section 6.1)
 
 
 @dataclass(frozen=True)
@@ -297,5 +301,6 @@ class TrainConfig(_DictConfig):
                                      and math.isfinite(value)), f"{name} must be a number > 0, got {value!r}")
 
 
-__all__ = ["ModelConfig", "DecodeConfig", "TrainConfig", "MAX_BEAM_SIZE", "MODEL_LIMITS", "MODEL_PRESETS", "PAD_ID",
-           "UNK_ID", "BOS_ID", "EOS_ID"]
+__all__ = ["ModelConfig", "DecodeConfig", "PAPER_DECODE", "TrainConfig", "MAX_BEAM_SIZE", "SERVER_MAX_BEAM_SIZE",
+           "SERVER_MAX_SAMPLING_TOPK", "MAX_LENGTH_PENALTY", "MAX_MAX_LEN_A", "MAX_TEMPERATURE", "MAX_SEED",
+           "MODEL_LIMITS", "MODEL_PRESETS", "PAD_ID", "UNK_ID", "BOS_ID", "EOS_ID", "is_sampling"]

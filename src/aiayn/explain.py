@@ -191,38 +191,28 @@ def _feed_forward(layer, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _walk_encoder_layer(layer, index: int, x: Tensor, tokens: list[str]) -> LayerWalk:
-    if layer.norm_first:  # pre-LN (a departure): x + Sublayer(LayerNorm(x))
-        attention = _walk_attention(layer.self_attn, "encoder", index, layer.norm1(x), None, None,
-                                    tokens, tokens)
-        attention.add_norm = x + attention.projected
-        hidden, ffn = _feed_forward(layer, layer.norm2(attention.add_norm))
-        return LayerWalk("encoder", index, [attention], hidden, ffn, attention.add_norm + ffn)
-    attention = _walk_attention(layer.self_attn, "encoder", index, x, None, None, tokens, tokens)
-    attention.add_norm = layer.norm1(x + attention.projected)  # Add & Norm
-    hidden, ffn = _feed_forward(layer, attention.add_norm)
-    return LayerWalk("encoder", index, [attention], hidden, ffn, layer.norm2(attention.add_norm + ffn))
+    """Each sublayer between its connection's halves (`SublayerConnection.input` / `.output`), so
+    the walk follows the model's own residual and LayerNorm order (post- or pre-norm)."""
+    attention = _walk_attention(layer.self_attn, "encoder", index, layer.norm1.input(x), None, None,
+                                tokens, tokens)
+    attention.add_norm = layer.norm1.output(x, attention.projected)  # Add & Norm
+    hidden, ffn = _feed_forward(layer, layer.norm2.input(attention.add_norm))
+    return LayerWalk("encoder", index, [attention], hidden, ffn, layer.norm2.output(attention.add_norm, ffn))
 
 
 def _walk_decoder_layer(layer, index: int, x: Tensor, memory: Tensor, input_tokens: list[str],
                         source_tokens: list[str], rows: list[str]) -> LayerWalk:
     T = x.size(0)
     look_ahead = causal_mask(T, device=x.device)[0, 0]  # [T, T], True on and below the diagonal
-    if layer.norm_first:
-        masked = _walk_attention(layer.self_attn, "decoder", index, layer.norm1(x), None, look_ahead,
-                                 rows, input_tokens)
-        masked.add_norm = x + masked.projected
-        cross = _walk_attention(layer.cross_attn, "cross", index, layer.norm2(masked.add_norm), memory, None,
-                                rows, source_tokens)
-        cross.add_norm = masked.add_norm + cross.projected
-        hidden, ffn = _feed_forward(layer, layer.norm3(cross.add_norm))
-        return LayerWalk("decoder", index, [masked, cross], hidden, ffn, cross.add_norm + ffn)
-    masked = _walk_attention(layer.self_attn, "decoder", index, x, None, look_ahead, rows, input_tokens)
-    masked.add_norm = layer.norm1(x + masked.projected)
+    masked = _walk_attention(layer.self_attn, "decoder", index, layer.norm1.input(x), None, look_ahead,
+                             rows, input_tokens)
+    masked.add_norm = layer.norm1.output(x, masked.projected)
     # Encoder-decoder attention: queries from the decoder, keys and values from the encoder output.
-    cross = _walk_attention(layer.cross_attn, "cross", index, masked.add_norm, memory, None, rows, source_tokens)
-    cross.add_norm = layer.norm2(masked.add_norm + cross.projected)
-    hidden, ffn = _feed_forward(layer, cross.add_norm)
-    return LayerWalk("decoder", index, [masked, cross], hidden, ffn, layer.norm3(cross.add_norm + ffn))
+    cross = _walk_attention(layer.cross_attn, "cross", index, layer.norm2.input(masked.add_norm), memory, None,
+                            rows, source_tokens)
+    cross.add_norm = layer.norm2.output(masked.add_norm, cross.projected)
+    hidden, ffn = _feed_forward(layer, layer.norm3.input(cross.add_norm))
+    return LayerWalk("decoder", index, [masked, cross], hidden, ffn, layer.norm3.output(cross.add_norm, ffn))
 
 
 def explain(model, tokenizer, source: str, target: str | None = None, *, top: int = 5,

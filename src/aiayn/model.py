@@ -12,9 +12,11 @@ output projection, give logits of unit scale; the padding row is zero; LayerNorm
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aiayn.attention import KVCache, MultiHeadAttention, causal_mask, padding_mask
@@ -128,11 +130,48 @@ class FeedForward(nn.Module):
 # --- 3.1 Encoder and decoder stacks ------------------------------------------------------------
 
 
-class EncoderLayer(nn.Module):
-    """Self-attention then feed-forward, each as LayerNorm(x + Dropout(Sublayer(x))) (post-norm).
+class SublayerConnection(nn.Module):
+    """Residual connection, dropout and LayerNorm around one sublayer (section 5.4; the annotated
+    transformer's SublayerConnection): post-norm LayerNorm(x + Dropout(Sublayer(x))), the paper's;
+    with norm_first=True (a departure: Xiong et al. 2020, "pre-LN") x + Dropout(Sublayer(LayerNorm(x))).
 
-    With norm_first=True (a departure: Xiong et al. 2020, "pre-LN") each sublayer is
-    x + Dropout(Sublayer(LayerNorm(x))).
+    Its parameters are its LayerNorm's, `weight` and `bias`, so a layer that names it `norm1`
+    stores them under the names an nn.LayerNorm there had. `input` and `output` are the halves
+    around a sublayer that returns more than its output (attention weights).
+    """
+
+    def __init__(self, *, d_model: int, dropout: float, norm_first: bool, eps: float = 1e-5) -> None:
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.bias = nn.Parameter(torch.zeros(d_model))
+        self.eps = eps
+        self.dropout = nn.Dropout(dropout)
+        self.norm_first = norm_first
+
+    def norm(self, x: Tensor) -> Tensor:
+        """LayerNorm(x) over the last dimension [..., E]."""
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+    def input(self, x: Tensor) -> Tensor:
+        """What the sublayer reads: LayerNorm(x) with norm_first, else x."""
+        return self.norm(x) if self.norm_first else x
+
+    def output(self, x: Tensor, sublayer_out: Tensor) -> Tensor:
+        """Add & Norm of the sublayer's output to the residual x: [..., E]."""
+        if self.norm_first:
+            return x + self.dropout(sublayer_out)
+        return self.norm(x + self.dropout(sublayer_out))
+
+    def forward(self, x: Tensor, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
+        return self.output(x, sublayer(self.input(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention then feed-forward, each inside a `SublayerConnection` (post-norm by default).
+
+    The connections are named norm1, norm2 (the names of the LayerNorms they hold).
     """
 
     def __init__(
@@ -143,26 +182,20 @@ class EncoderLayer(nn.Module):
         self.self_attn = MultiHeadAttention(d_model=d_model, n_heads=n_heads, dropout=attention_dropout,
                                             positions=attention_positions, max_relative_distance=RELATIVE_DISTANCE)
         self.feed_forward = FeedForward(d_model=d_model, d_ff=d_ff)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.norm1 = SublayerConnection(d_model=d_model, dropout=dropout, norm_first=norm_first)
+        self.norm2 = SublayerConnection(d_model=d_model, dropout=dropout, norm_first=norm_first)
         self.norm_first = norm_first
 
     def forward(self, x: Tensor, mask: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         """x: [B, S, E]; mask: [B, 1, 1, S] -> ([B, S, E], weights [B, H, S, S] or None)."""
-        if self.norm_first:
-            h, weights = self.self_attn(self.norm1(x), mask=mask, need_weights=need_weights)
-            x = x + self.dropout(h)
-            x = x + self.dropout(self.feed_forward(self.norm2(x)))
-        else:
-            h, weights = self.self_attn(x, mask=mask, need_weights=need_weights)
-            x = self.norm1(x + self.dropout(h))
-            x = self.norm2(x + self.dropout(self.feed_forward(x)))
-        return x, weights
+        h, weights = self.self_attn(self.norm1.input(x), mask=mask, need_weights=need_weights)
+        x = self.norm1.output(x, h)
+        return self.norm2(x, self.feed_forward), weights
 
 
 class DecoderLayer(nn.Module):
-    """Masked self-attention, encoder-decoder attention, feed-forward; each with Add & Norm."""
+    """Masked self-attention, encoder-decoder attention, feed-forward; each inside a
+    `SublayerConnection` named norm1, norm2, norm3."""
 
     def __init__(
         self, *, d_model: int, n_heads: int, d_ff: int, dropout: float, attention_dropout: float,
@@ -173,10 +206,9 @@ class DecoderLayer(nn.Module):
                                             positions=attention_positions, max_relative_distance=RELATIVE_DISTANCE)
         self.cross_attn = MultiHeadAttention(d_model=d_model, n_heads=n_heads, dropout=attention_dropout)
         self.feed_forward = FeedForward(d_model=d_model, d_ff=d_ff)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.norm3 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.norm1 = SublayerConnection(d_model=d_model, dropout=dropout, norm_first=norm_first)
+        self.norm2 = SublayerConnection(d_model=d_model, dropout=dropout, norm_first=norm_first)
+        self.norm3 = SublayerConnection(d_model=d_model, dropout=dropout, norm_first=norm_first)
         self.norm_first = norm_first
 
     def forward(
@@ -191,21 +223,12 @@ class DecoderLayer(nn.Module):
         """x: [B, T, E]; memory: [B, S, E] -> ([B, T, E], self weights, cross weights)."""
         self_cache = cache.self_attn if cache is not None else None
         cross_cache = cache.cross_attn if cache is not None else None
-        if self.norm_first:
-            h, self_w = self.self_attn(self.norm1(x), mask=self_mask, cache=self_cache, need_weights=need_weights)
-            x = x + self.dropout(h)
-            h, cross_w = self.cross_attn(
-                self.norm2(x), memory, mask=cross_mask, cache=cross_cache, need_weights=need_weights
-            )
-            x = x + self.dropout(h)
-            x = x + self.dropout(self.feed_forward(self.norm3(x)))
-        else:
-            h, self_w = self.self_attn(x, mask=self_mask, cache=self_cache, need_weights=need_weights)
-            x = self.norm1(x + self.dropout(h))
-            h, cross_w = self.cross_attn(x, memory, mask=cross_mask, cache=cross_cache, need_weights=need_weights)
-            x = self.norm2(x + self.dropout(h))
-            x = self.norm3(x + self.dropout(self.feed_forward(x)))
-        return x, self_w, cross_w
+        h, self_w = self.self_attn(self.norm1.input(x), mask=self_mask, cache=self_cache, need_weights=need_weights)
+        x = self.norm1.output(x, h)
+        h, cross_w = self.cross_attn(self.norm2.input(x), memory, mask=cross_mask, cache=cross_cache,
+                                     need_weights=need_weights)
+        x = self.norm2.output(x, h)
+        return self.norm3(x, self.feed_forward), self_w, cross_w
 
 
 @dataclass

@@ -1,20 +1,22 @@
-"""Greedy and beam search (paper section 6.1: beam 4, length penalty alpha = 0.6, max length S + 50).
+"""Decoding: one loop, three strategies (paper section 6.1: beam 4, length penalty alpha = 0.6,
+max length S + 50).
 
-Shape legend: B sentences, K beam size, A sentences still active, S source length, V vocabulary,
-C = 2K candidates per sentence.
+Shape legend: B sentences, K beam size (rows per group), A groups still active, S source length,
+V vocabulary, C candidates per group (2K for beam search).
 
-A beam step turns the decoder's logits into the 2K best candidates (`log_prob_step`: log-softmax,
-token masks, `beam_step`); a faster step with the same result can be handed to `beam_search`
-(`step=`, e.g. the fused C++ one of `aiayn.inference`).
-
-Layout follows fairseq: a pure `beam_step` (fairseq `search.py` BeamSearch.step) that picks the top
-2K (score, beam, token) candidates, and a short loop (fairseq `sequence_generator.py`) that owns the
-decoding state: the encoder output, one row per sentence shared by its K beams, and the
-caller-owned KV cache (`model.new_cache()`), whose self-attention part is reordered by the chosen
-beams each step. Cross-attention keys / values are computed on the first step, once per sentence.
-Sentences that are done are dropped from the batch (`cache.reorder` / `cache.reorder_cross` /
-`EncoderOutput.reorder` with the surviving rows), so they stop costing compute, and every sentence
-is decoded exactly as it would be on its own (padding invariance).
+Layout follows fairseq: strategy objects (`Search.step`, fairseq `search.py`) turn the decoder's
+logits into candidates: `BeamSearch` (the pure `beam_step`: the top 2K (score, beam, token)
+candidates, through `log_prob_step`: log-softmax, token masks, `beam_step`; or a faster step with
+the same result, `step=`, e.g. the fused C++ one of `aiayn.inference`), `GreedySearch` (argmax)
+and `Sampling`. One loop, `generate` (fairseq `sequence_generator.py`), owns the decoding state
+for all of them: the encoder output, one row per group (a sentence, shared by its K beams; or one
+sample of it), the caller-owned KV cache (`model.new_cache()`), whose self-attention part is
+reordered by the chosen beams each step, forced prefixes, maximum lengths and finished hypotheses.
+Cross-attention keys / values are computed on the first step, once per group. Groups that are done
+are dropped from the batch (`cache.reorder` / `cache.reorder_cross` / `EncoderOutput.reorder` with
+the surviving rows), so they stop costing compute, and every sentence is decoded exactly as it
+would be on its own (padding invariance). Settings come whole in a `DecodeConfig`
+(`aiayn.config`, where their defaults and bounds live); `strategy(decode)` picks the search.
 
 Conventions:
     * Outputs are token ids without BOS / EOS.
@@ -26,7 +28,9 @@ Conventions:
       caller is fine). A finished hypothesis of n tokens plus EOS has
       log_prob = sum of its n + 1 token log-probs and score = log_prob / length_penalty(n + 1, alpha)
       (GNMT, Wu et al. 2016, eq. 14, without the coverage penalty; the length counts EOS as
-      fairseq and tensor2tensor do).
+      fairseq and tensor2tensor do). `Sampling` sums its log-probs in float64.
+    * A group that ends with no finite-scored hypothesis (a model whose scores are NaN) raises
+      RuntimeError, whatever the strategy.
     * Stopping (fairseq's default, "early stopping"): a sentence is done as soon as it has
       `beam_size` finished hypotheses, even if an active beam could still beat one of them after
       length normalisation; or when it reaches its maximum length. As in fairseq, an EOS candidate
@@ -35,11 +39,12 @@ Conventions:
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from aiayn.config import DecodeConfig
 
 # --- pieces -------------------------------------------------------------------------------------
 
@@ -174,158 +179,219 @@ def _forced_tokens(prefix: list[list[int]] | None, sentences: list[int], positio
     return torch.tensor(forced, device=device).repeat_interleave(rows_per_sentence)
 
 
-# --- greedy -------------------------------------------------------------------------------------
+# --- strategies (fairseq search.py) --------------------------------------------------------------
 
 
-@torch.no_grad()
-def greedy_search(
-    model, src_tokens: Tensor, *, max_len_a: float = 1.0, max_len_b: int = 50, encoder_out=None
-) -> list[list[int]]:
-    """Most probable next token at every step, incrementally with the KV cache.
+class Search:
+    """A decoding strategy: how `generate` turns one step's logits into the candidates it keeps
+    (fairseq `search.Search`). The loop owns everything else: the cache, finished hypotheses,
+    maximum lengths and forced prefixes.
 
-    Args:
-        model: a `Transformer` (or anything with encode / decode / new_cache / config).
-        src_tokens: LongTensor [B, S], right-padded with pad_id, no BOS / EOS.
-        max_len_a, max_len_b: max output length = floor(a * source length + b) per row.
-        encoder_out: `model.encode(src_tokens)` if the caller already has it.
-    Returns:
-        B lists of token ids, without BOS / EOS.
+    Each sentence is decoded as `copies` groups (independent samples; 1 otherwise) of `beam_size`
+    rows (K). Scores are cumulative log-probs in `score_dtype`.
     """
-    config = model.config
-    batch = src_tokens.size(0)
-    device = src_tokens.device
-    if encoder_out is None:
-        encoder_out = model.encode(src_tokens)
-    max_lens = max_output_lengths(model, src_tokens, max_len_a, max_len_b)  # [B]
-    shortest_max_len = int(max_lens.min()) if batch else 0  # of the active rows
-    rows = torch.arange(batch, device=device)  # original index of each active row
-    outputs: list[list[int]] = [[] for _ in range(batch)]
-    last = torch.full((batch, 1), config.bos_id, dtype=torch.long, device=device)  # [A, 1]
-    cache = model.new_cache()
-    step = 0
-    while rows.numel():
-        at_max = max_lens[rows] <= step if step >= shortest_max_len else None  # [A] or None
-        logits = model.decode(last, encoder_out, cache=cache).logits[:, -1].float()  # [A, V]
-        logits = _mask_tokens(logits, at_max, pad_id=config.pad_id, bos_id=config.bos_id, eos_id=config.eos_id)
-        next_tokens = logits.argmax(dim=-1)  # [A]: the argmax of the logits is that of the log-probs
-        finished = next_tokens == config.eos_id
-        for row, token in zip(rows.tolist(), next_tokens.tolist()):
-            if token != config.eos_id:
-                outputs[row].append(token)
-        if finished.any():  # drop finished rows so they stop costing compute
-            keep = (~finished).nonzero().squeeze(1)  # [A']
-            cache.reorder(keep)
-            encoder_out = encoder_out.reorder(keep)
-            rows, next_tokens = rows[keep], next_tokens[keep]
-            shortest_max_len = int(max_lens[rows].min()) if rows.numel() else 0
-        last = next_tokens[:, None]  # [A, 1]
-        step += 1
-    return outputs
+
+    beam_size = 1
+    copies = 1
+    score_dtype = torch.float32
+
+    def start(self, batch: int) -> None:
+        """Called once before the first step of a batch of `batch` sentences."""
+
+    def step(self, scores: Tensor, logits: Tensor, at_max: Tensor | None, *, forced: Tensor | None,
+             groups: list[int], config) -> tuple[Tensor, Tensor, Tensor]:
+        """The candidates of each active group, best first.
+
+        Args:
+            scores: cumulative log-probs of the live rows [A, K] (-inf marks an empty beam slot).
+            logits: float32 [A*R, V] next-token logits (R = 1 at the first step, else K); may be
+                overwritten.
+            at_max: bool [A*R], rows that may only produce EOS; None for none.
+            forced: long [A*R], the only token each row may produce (a target prefix), -1 = free
+                row; None for none.
+            groups: the index of each active group (sentence * copies + copy).
+            config: the model's config (pad_id, bos_id, eos_id).
+        Returns:
+            (candidate scores [A, C], beam index [A, C], token id [A, C]), C >= 1.
+        """
+        raise NotImplementedError
 
 
-# --- beam ---------------------------------------------------------------------------------------
+class BeamSearch(Search):
+    """The 2K best continuations of each sentence's K beams (`log_prob_step`, or a faster `step`
+    with its signature and result, e.g. `aiayn.inference.beam_step_for`)."""
+
+    def __init__(self, beam_size: int, *, step=None) -> None:
+        if beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        self.beam_size = beam_size
+        self.fast_step = step
+
+    def step(self, scores, logits, at_max, *, forced, groups, config):
+        ids = {"pad_id": config.pad_id, "bos_id": config.bos_id, "eos_id": config.eos_id}
+        if forced is not None:  # only the reference step forces tokens
+            return log_prob_step(scores, logits, at_max, forced=forced, **ids)
+        return (self.fast_step or log_prob_step)(scores, logits, at_max, **ids)
+
+
+class GreedySearch(Search):
+    """The most probable next token of each sentence: beam 1 without the log-softmax over the
+    vocabulary or the top-2K (the argmax of the masked logits is that of the log-probs)."""
+
+    def step(self, scores, logits, at_max, *, forced, groups, config):
+        log_normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)  # [A, 1], before masking
+        _mask_tokens(logits, at_max, pad_id=config.pad_id, bos_id=config.bos_id, eos_id=config.eos_id)
+        if forced is not None:
+            _force_tokens(logits, forced)
+        tokens = logits.argmax(dim=-1, keepdim=True)  # [A, 1]
+        return scores + (logits.gather(1, tokens) - log_normaliser), torch.zeros_like(tokens), tokens
+
+
+class Sampling(Search):
+    """Random sampling: `samples` independent translations per sentence, each token drawn from
+    `filter_distribution` of the model's next-token log-probs.
+
+    Sample k of sentence b has its own group (and memory row) and its own generator, seeded with
+    `seeds[b]` and k, so the same seed gives the same samples, and batching (which sentences share
+    a batch, in which order) never changes them. Scores are the model's own (temperature 1, no
+    cut), summed in float64.
+
+    Raises:
+        ValueError: a bad setting (samples < 1, topk < 0, topp outside (0, 1], temperature <= 0).
+    """
+
+    score_dtype = torch.float64
+
+    def __init__(self, *, seeds: list[int], samples: int, topk: int, topp: float, temperature: float) -> None:
+        if samples < 1 or topk < 0 or not 0.0 < topp <= 1.0 or not temperature > 0:
+            raise ValueError(f"bad sampling settings: samples {samples}, topk {topk}, topp {topp}, "
+                             f"temperature {temperature}")
+        self.seeds, self.copies = list(seeds), samples
+        self.topk, self.topp, self.temperature = topk, topp, temperature
+        self.generators = [torch.Generator().manual_seed((seed * 1_000_003 + k) % (1 << 63))
+                           for seed in self.seeds for k in range(samples)]
+
+    def start(self, batch: int) -> None:
+        if len(self.seeds) != batch:
+            raise ValueError(f"sampling needs one seed per sentence: {len(self.seeds)} for {batch}")
+
+    def step(self, scores, logits, at_max, *, forced, groups, config):
+        log_probs = _mask_tokens(torch.log_softmax(logits, dim=-1), at_max,
+                                 pad_id=config.pad_id, bos_id=config.bos_id, eos_id=config.eos_id)
+        probs = filter_distribution(log_probs, topk=self.topk, topp=self.topp, temperature=self.temperature)
+        if forced is not None:  # inside its prefix, a row's next token is given, with its log-prob
+            forced_rows = (forced >= 0).nonzero().squeeze(1)
+            probs[forced_rows] = 0.0
+            probs[forced_rows, forced[forced_rows]] = 1.0
+        tokens = _draw(probs, [self.generators[g] for g in groups])[:, None]  # [A, 1]
+        return scores + log_probs.gather(1, tokens).to(scores.dtype), torch.zeros_like(tokens), tokens
+
+
+def strategy(decode: DecodeConfig, *, step=None, seeds: list[int] | None = None) -> Search:
+    """The search `decode` asks for: `Sampling` (one seed per sentence) or `BeamSearch` (with the
+    beam step `step`; None = `log_prob_step`)."""
+    if decode.sampling:
+        if seeds is None:
+            raise ValueError("sampling needs one seed per sentence")
+        return Sampling(seeds=seeds, samples=decode.nbest, topk=decode.sampling_topk, topp=decode.sampling_topp,
+                        temperature=decode.temperature)
+    return BeamSearch(decode.beam_size, step=step)
+
+
+# --- the loop (fairseq sequence_generator.py) ----------------------------------------------------
 
 
 @torch.no_grad()
-def beam_search(
-    model,
-    src_tokens: Tensor,
-    *,
-    beam_size: int = 4,
-    length_penalty: float = 0.6,
-    max_len_a: float = 1.0,
-    max_len_b: int = 50,
-    nbest: int = 1,
-    step=None,
-    prefix: list[list[int]] | None = None,
+def generate(
+    model, src_tokens: Tensor, decode: DecodeConfig, search: Search, *,
+    prefix: list[list[int]] | None = None, encoder_out=None,
 ) -> list[list[Hypothesis]]:
-    """Batched beam search with the KV cache (see the module docstring for the conventions).
+    """Decode `src_tokens` with `search`, incrementally with the KV cache (the conventions are in
+    the module docstring).
 
     Args:
         model: a `Transformer` (or anything with encode / decode / new_cache / config).
         src_tokens: LongTensor [B, S], right-padded with pad_id, no BOS / EOS.
-        beam_size: K; 1 gives greedy search.
-        length_penalty: alpha of the GNMT penalty (0 = rank by raw log-prob).
-        max_len_a, max_len_b: max output length = floor(a * source length + b) per row.
-        nbest: hypotheses returned per sentence, best first.
-        step: the beam step, `log_prob_step` (None) or a faster function with its signature and
-            result (`aiayn.inference.beam_step_for`).
+        decode: length_penalty, max_len_a / max_len_b (max output length = floor(a * source
+            length + b) per row) and nbest (hypotheses returned per sentence) are read here; the
+            strategy's own settings are in `search` (`strategy(decode)`).
+        search: the strategy (`BeamSearch`, `GreedySearch`, `Sampling`).
         prefix: per sentence, the token ids every hypothesis must start with (target prefix, as
             CTranslate2's target_prefix): while a sentence is inside its prefix, only the next
             prefix token may follow (with its own log-prob: scores stay those of the model), and
             its maximum length is at least the prefix's.
+        encoder_out: `model.encode(src_tokens)` if the caller already has it.
     Returns:
         B lists of hypotheses sorted by score, descending: `nbest` of them, or fewer where fewer
         exist (a maximum length of 0 leaves only the empty translation). Tokens include the prefix.
     Raises:
-        ValueError: beam_size < 1, nbest outside [1, beam_size], or length_penalty < 0.
+        ValueError: a bad prefix, or settings the strategy refuses.
         RuntimeError: a sentence ends with no hypothesis (NaN / -inf scores everywhere).
     """
-    if beam_size < 1:
-        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-    if not 1 <= nbest <= beam_size:
-        raise ValueError(f"nbest must be in [1, beam_size={beam_size}], got {nbest}")
-    if length_penalty < 0:
-        raise ValueError(f"length_penalty must be >= 0, got {length_penalty}")
-    alpha = length_penalty
+    alpha = decode.length_penalty
     config = model.config
     eos = config.eos_id
-    batch, beam = src_tokens.size(0), beam_size
+    batch, beam, copies = src_tokens.size(0), search.beam_size, search.copies
     device = src_tokens.device
+    search.start(batch)
 
-    beam_step_of = log_prob_step if step is None else step  # logits -> the 2K best candidates
-    max_lens = max_output_lengths(model, src_tokens, max_len_a, max_len_b)  # [B]
-    prefix = _check_prefix(prefix, batch, model.config)
+    prefix = _check_prefix(prefix, batch, config)
+    max_lens = max_output_lengths(model, src_tokens, decode.max_len_a, decode.max_len_b).tolist()  # [B]
     if prefix is not None:
-        max_lens = torch.maximum(max_lens, torch.tensor([len(p) for p in prefix], device=max_lens.device))
-    # One memory row per sentence, shared by its K beams: the decoder's cross-attention reads a
-    # sentence's keys and values once for all its beams (and caches them once).
-    encoder_out = model.encode(src_tokens)  # [A] rows
+        max_lens = [max(length, len(tokens)) for length, tokens in zip(max_lens, prefix)]
+    # A group is what `search` keeps K rows for: a sentence (beam search: its K beams share one
+    # memory row, so the decoder's cross-attention reads and caches it once for all of them), or
+    # one of its `copies` independent samples (a memory row each: they finish at different steps).
+    if encoder_out is None:
+        encoder_out = model.encode(src_tokens)
+    owner = [sentence for sentence in range(batch) for _ in range(copies)]  # sentence of each group
+    if copies > 1:
+        encoder_out = encoder_out.reorder(torch.tensor(owner, dtype=torch.long, device=device))
+    max_len_of = [max_lens[sentence] for sentence in owner]
+    group_prefix = None if prefix is None else [prefix[sentence] for sentence in owner]
     cache = model.new_cache()
-    # Bookkeeping per active sentence in Python lists (cheaper than tensor ops at small batches).
-    sentences = list(range(batch))  # original index of each active sentence [A]
-    max_len_of = max_lens.tolist()
-    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    # Bookkeeping per active group in Python lists (cheaper than tensor ops at small batches).
+    groups = list(range(batch * copies))  # original index of each active group [A]
+    finished: list[list[Hypothesis]] = [[] for _ in groups]
     # All beams start identical (BOS), so only slot 0 is live at first, and the first decoder step
-    # runs once per sentence (R = 1 row per sentence); from the second step on R = K.
-    scores = torch.full((batch, beam), float("-inf"), device=device)  # [A, K]
+    # runs once per group (R = 1 row per group); from the second step on R = K.
+    scores = torch.full((len(groups), beam), float("-inf"), dtype=search.score_dtype, device=device)  # [A, K]
     scores[:, 0] = 0.0
-    history = [[config.bos_id] for _ in range(batch)]  # [A*R] rows of BOS + tokens
-    last_tokens = torch.full((batch, 1), config.bos_id, dtype=torch.long, device=device)  # [A*R, 1]
+    history = [[config.bos_id] for _ in groups]  # [A*R] rows of BOS + tokens
+    last_tokens = torch.full((len(groups), 1), config.bos_id, dtype=torch.long, device=device)  # [A*R, 1]
     position = 0  # of the token each step decodes
-    while sentences:
-        active = len(sentences)
-        rows_per_sentence = 1 if position == 0 else beam
-        at_max = [max_len_of[s] <= position for s in sentences]
+    while groups:
+        active = len(groups)
+        rows_per_group = 1 if position == 0 else beam
+        at_max = [max_len_of[g] <= position for g in groups]
         at_max_rows = (  # [A*R] or None
-            torch.tensor(at_max, device=device).repeat_interleave(rows_per_sentence) if any(at_max) else None
+            torch.tensor(at_max, device=device).repeat_interleave(rows_per_group) if any(at_max) else None
         )
         logits = model.decode(last_tokens, encoder_out, cache=cache).logits[:, -1].float()  # [A*R, V]
-        forced = _forced_tokens(prefix, sentences, position, rows_per_sentence, device)  # [A*R] or None
-        step_of = beam_step_of if forced is None else functools.partial(log_prob_step, forced=forced)
-        cand_scores, cand_beams, cand_tokens = step_of(
-            scores, logits, at_max_rows, pad_id=config.pad_id, bos_id=config.bos_id, eos_id=eos
-        )  # [A, C]
+        forced = _forced_tokens(group_prefix, groups, position, rows_per_group, device)  # [A*R] or None
+        cand_scores, cand_beams, cand_tokens = search.step(
+            scores, logits, at_max_rows, forced=forced, groups=groups, config=config)  # [A, C]
 
-        # The rest of the step is bookkeeping on 2K candidates per sentence, in Python lists.
-        keep: list[int] = []  # surviving sentences [A']
+        # The rest of the step is bookkeeping on the candidates of each group, in Python lists.
+        keep: list[int] = []  # surviving groups [A']
         rows: list[int] = []  # parent row of each new beam [A'*K]
         next_tokens: list[int] = []  # [A'*K]
         next_scores: list[float] = []  # [A'*K]
-        for a, (sentence, c_scores, c_beams, c_tokens) in enumerate(
-            zip(sentences, cand_scores.tolist(), cand_beams.tolist(), cand_tokens.tolist())
+        for a, (group, c_scores, c_beams, c_tokens) in enumerate(
+            zip(groups, cand_scores.tolist(), cand_beams.tolist(), cand_tokens.tolist())
         ):
-            hyps = finished[sentence]
-            # One row per sentence at the first step (R = 1): every candidate's parent is that row.
-            parents = [a * rows_per_sentence + (b if rows_per_sentence > 1 else 0) for b in c_beams]
+            hyps = finished[group]
+            # One row per group at the first step (R = 1): every candidate's parent is that row.
+            parents = [a * rows_per_group + (b if rows_per_group > 1 else 0) for b in c_beams]
             # Finish the hypotheses whose EOS ranks among the top K candidates.
             for c in range(min(beam, len(c_tokens))):
                 if c_tokens[c] == eos and c_scores[c] > _NEG_INF and len(hyps) < beam:
                     tokens = history[parents[c]][1:]
                     hyps.append(Hypothesis(tokens, c_scores[c] / _lp(len(tokens) + 1, alpha), c_scores[c]))
-            # The next beam: the K best candidates that are not EOS (there are at least K of the 2K).
+            # The next beam: the K best candidates that are not EOS (beam search: there are at
+            # least K of the 2K).
             chosen = [c for c, token in enumerate(c_tokens) if token != eos][:beam]
-            if len(chosen) < beam:  # a tiny vocabulary: EOS candidates fill dead slots (score -inf)
+            if len(chosen) < beam:  # a tiny vocabulary or a final EOS: EOS candidates fill dead slots (-inf)
                 chosen += [c for c, token in enumerate(c_tokens) if token == eos][: beam - len(chosen)]
             live = [c_scores[c] if c_tokens[c] != eos else _NEG_INF for c in chosen]
             if len(hyps) >= beam or at_max[a] or not any(score > _NEG_INF for score in live):
@@ -335,26 +401,71 @@ def beam_search(
             next_tokens += [c_tokens[c] for c in chosen]
             next_scores += live
 
-        sentences = [sentences[a] for a in keep]
-        if not sentences:
+        groups = [groups[a] for a in keep]
+        if not groups:
             break
-        cache.reorder(torch.tensor(rows, device=device), include_cross=False)  # beams move within a sentence
-        if len(keep) < active:  # finished sentences leave the memory and its caches
+        if rows != list(range(active * rows_per_group)):  # beams move within a group (or leave)
+            cache.reorder(torch.tensor(rows, device=device), include_cross=False)
+        if len(keep) < active:  # finished groups leave the memory and its caches
             keep_index = torch.tensor(keep, device=device)
             encoder_out = encoder_out.reorder(keep_index)
             cache.reorder_cross(keep_index)
         history = [history[row] + [token] for row, token in zip(rows, next_tokens)]
         last_tokens = torch.tensor(next_tokens, device=device).view(-1, 1)
-        scores = torch.tensor(next_scores, device=device).view(len(keep), beam)
+        scores = torch.tensor(next_scores, dtype=search.score_dtype, device=device).view(len(keep), beam)
         position += 1
 
-    for sentence, hyps in enumerate(finished):
+    for group, hyps in enumerate(finished):
         if not hyps:  # only when every score is NaN / -inf: the maximum length forces EOS otherwise
             raise RuntimeError(
-                f"beam search found no hypothesis with a finite score for sentence {sentence} of the batch: "
+                f"the search found no hypothesis with a finite score for sentence {owner[group]} of the batch: "
                 "the model's scores are NaN or -inf (a diverged or damaged model?)"
             )
-    return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]
+    return [sorted((hyp for group in range(sentence * copies, (sentence + 1) * copies) for hyp in finished[group]),
+                   key=lambda h: h.score, reverse=True)[: decode.nbest]
+            for sentence in range(batch)]
+
+
+# --- the searches by name -------------------------------------------------------------------------
+
+
+def beam_search(
+    model, src_tokens: Tensor, *, beam_size: int = DecodeConfig.beam_size,
+    length_penalty: float = DecodeConfig.length_penalty, max_len_a: float = DecodeConfig.max_len_a,
+    max_len_b: int = DecodeConfig.max_len_b, nbest: int = DecodeConfig.nbest, step=None,
+    prefix: list[list[int]] | None = None,
+) -> list[list[Hypothesis]]:
+    """`generate` with `BeamSearch(beam_size, step=step)` (beam_size 1 equals greedy search).
+
+    Raises:
+        ValueError: settings `DecodeConfig` refuses (beam_size < 1, nbest outside [1, beam_size],
+            length_penalty < 0, ...).
+    """
+    decode = DecodeConfig(beam_size=beam_size, length_penalty=length_penalty, max_len_a=max_len_a,
+                          max_len_b=max_len_b, nbest=nbest)
+    return generate(model, src_tokens, decode, BeamSearch(beam_size, step=step), prefix=prefix)
+
+
+def greedy_search(
+    model, src_tokens: Tensor, *, max_len_a: float = DecodeConfig.max_len_a, max_len_b: int = DecodeConfig.max_len_b,
+    encoder_out=None,
+) -> list[list[int]]:
+    """`generate` with `GreedySearch`: B lists of token ids, without BOS / EOS."""
+    decode = DecodeConfig(beam_size=1, max_len_a=max_len_a, max_len_b=max_len_b)
+    return [hyps[0].tokens for hyps in generate(model, src_tokens, decode, GreedySearch(), encoder_out=encoder_out)]
+
+
+def sample_search(model, src_tokens: Tensor, decode: DecodeConfig, *, seeds: list[int],
+                  prefix: list[list[int]] | None = None) -> list[list[Hypothesis]]:
+    """`generate` with `Sampling` as `decode` sets it: decode.nbest samples per sentence, sorted
+    by score; `seeds`: one per sentence.
+
+    Raises:
+        ValueError: `decode` does not sample, or not one seed per sentence.
+    """
+    if not decode.sampling:
+        raise ValueError("sample_search needs a DecodeConfig that samples (sampling_topk != 1 or sampling_topp < 1)")
+    return generate(model, src_tokens, decode, strategy(decode, seeds=seeds), prefix=prefix)
 
 
 # --- sampling -----------------------------------------------------------------------------------
@@ -387,95 +498,6 @@ def _draw(probs: Tensor, generators: list[torch.Generator]) -> Tensor:
     cdf = probs.cumsum(dim=-1)  # [N, V]
     tokens = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None]).squeeze(1)  # [N]
     return tokens.clamp(max=probs.size(-1) - 1)
-
-
-@torch.no_grad()
-def sample_search(
-    model,
-    src_tokens: Tensor,
-    *,
-    seeds: list[int],
-    samples: int = 1,
-    topk: int = 0,
-    topp: float = 1.0,
-    temperature: float = 1.0,
-    length_penalty: float = 0.6,
-    max_len_a: float = 1.0,
-    max_len_b: int = 50,
-    prefix: list[list[int]] | None = None,
-) -> list[list[Hypothesis]]:
-    """Random sampling with the KV cache: `samples` independent translations per sentence, each
-    token drawn from `filter_distribution` of the model's next-token log-probs.
-
-    Sample k of sentence b uses its own generator, seeded with `seeds[b]` and k, so the same seed
-    gives the same samples, and batching (which sentences share a batch, in which order) never
-    changes them. Scores are the model's own (temperature 1, no cut): log_prob = sum of the token
-    log-probs, score = log_prob / length_penalty(n + 1) as in `beam_search`; hypotheses are sorted
-    by score. Token masks, maximum lengths and `prefix` as in `beam_search`.
-
-    Raises:
-        ValueError: a bad setting (samples < 1, topk < 0, topp outside (0, 1], temperature <= 0)
-            or not one seed per sentence.
-    """
-    batch = src_tokens.size(0)
-    if samples < 1 or topk < 0 or not 0.0 < topp <= 1.0 or not temperature > 0:
-        raise ValueError(f"bad sampling settings: samples {samples}, topk {topk}, topp {topp}, "
-                         f"temperature {temperature}")
-    if len(seeds) != batch:
-        raise ValueError(f"sample_search needs one seed per sentence: {len(seeds)} for {batch}")
-    config = model.config
-    device = src_tokens.device
-    prefix = _check_prefix(prefix, batch, config)
-    max_lens = max_output_lengths(model, src_tokens, max_len_a, max_len_b)  # [B]
-    if prefix is not None:
-        max_lens = torch.maximum(max_lens, torch.tensor([len(p) for p in prefix], device=max_lens.device))
-    # Row r = sample r % samples of sentence r // samples, with a memory row of its own (rows
-    # leave at different steps, so sentences cannot share one as in beam search).
-    owner = [b for b in range(batch) for _ in range(samples)]  # sentence of each row
-    max_len_of = max_lens.tolist()
-    encoder_out = model.encode(src_tokens).reorder(torch.tensor(owner, dtype=torch.long, device=device))
-    generators = [torch.Generator().manual_seed((seeds[b] * 1_000_003 + k) % (1 << 63))
-                  for b in range(batch) for k in range(samples)]
-    rows = list(range(batch * samples))  # original index of each active row
-    tokens: list[list[int]] = [[] for _ in rows]
-    log_prob = [0.0 for _ in rows]
-    last = torch.full((batch * samples, 1), config.bos_id, dtype=torch.long, device=device)  # [A, 1]
-    cache = model.new_cache()
-    position = 0
-    while rows:
-        at_max = torch.tensor([max_len_of[owner[r]] <= position for r in rows], device=device)  # [A]
-        logits = model.decode(last, encoder_out, cache=cache).logits[:, -1].float()  # [A, V]
-        log_probs = _mask_tokens(torch.log_softmax(logits, dim=-1), at_max if bool(at_max.any()) else None,
-                                 pad_id=config.pad_id, bos_id=config.bos_id, eos_id=config.eos_id)
-        probs = filter_distribution(log_probs, topk=topk, topp=topp, temperature=temperature)  # [A, V]
-        if prefix is not None:  # inside its prefix, a row's next token is given, with its log-prob
-            forced = torch.tensor([prefix[owner[r]][position] if position < len(prefix[owner[r]]) else -1
-                                   for r in rows], device=device)  # [A]
-            forced_rows = (forced >= 0).nonzero().squeeze(1)
-            probs[forced_rows] = 0.0
-            probs[forced_rows, forced[forced_rows]] = 1.0
-        drawn_tokens = _draw(probs, [generators[r] for r in rows])  # [A]
-        drawn_log_probs = log_probs.gather(1, drawn_tokens[:, None]).squeeze(1).tolist()  # [A]
-        drawn = drawn_tokens.tolist()
-        keep = []
-        for i, (r, token) in enumerate(zip(rows, drawn)):
-            log_prob[r] += drawn_log_probs[i]
-            if token != config.eos_id:
-                tokens[r].append(token)
-                keep.append(i)
-        if len(keep) < len(rows):  # finished rows leave the batch and its caches
-            keep_index = torch.tensor(keep, dtype=torch.long, device=device)
-            cache.reorder(keep_index)
-            encoder_out = encoder_out.reorder(keep_index)
-            rows, drawn = [rows[i] for i in keep], [drawn[i] for i in keep]
-        last = torch.tensor(drawn, dtype=torch.long, device=device).view(-1, 1)
-        position += 1
-    results = []
-    for b in range(batch):
-        hyps = [Hypothesis(tokens[r], log_prob[r] / _lp(len(tokens[r]) + 1, length_penalty), log_prob[r])
-                for r in range(b * samples, (b + 1) * samples)]
-        results.append(sorted(hyps, key=lambda h: h.score, reverse=True))
-    return results
 
 
 # --- forced decoding ------------------------------------------------------------------------------

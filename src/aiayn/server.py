@@ -38,10 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiayn.config import DecodeConfig
+from aiayn.config import SERVER_MAX_BEAM_SIZE, DecodeConfig
 
 STATIC_DIR = Path(__file__).parent / "static"
-MAX_BEAM_SIZE = 16
 RETRY_AFTER_S = 1  # the Retry-After of a 503: the queue drains in about a batch's time
 # One attention weight in JSON: "0.1234," (rounded to 4 decimals, never negative, never 1e-05).
 BYTES_PER_WEIGHT = 7
@@ -720,7 +719,7 @@ def create_app(
                 "max_texts": limits.max_texts,
                 "max_attention_chars": limits.max_attention_chars,
                 "max_attention_weights": limits.max_attention_weights,
-                "max_beam_size": MAX_BEAM_SIZE,
+                "max_beam_size": SERVER_MAX_BEAM_SIZE,
                 "max_queue": limits.max_queue,
                 "request_timeout_s": limits.request_timeout_s,
                 "max_connections": limits.max_connections,

@@ -6,8 +6,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from aiayn.config import DecodeConfig
-from aiayn.server import MAX_BEAM_SIZE
+from aiayn.config import (
+    MAX_LENGTH_PENALTY,
+    MAX_SEED,
+    MAX_TEMPERATURE,
+    SERVER_MAX_BEAM_SIZE,
+    SERVER_MAX_SAMPLING_TOPK,
+    DecodeConfig,
+    is_sampling,
+)
 
 
 def check_encodable(text: str, where: str) -> None:
@@ -31,18 +38,18 @@ class TranslateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str | None = Field(None, description="one sentence (give this or `texts`)")
     texts: list[str] | None = Field(None, description="several sentences (give this or `text`)")
-    beam_size: int = Field(DecodeConfig.beam_size, ge=1, le=MAX_BEAM_SIZE, description="1 = greedy search")
+    beam_size: int = Field(DecodeConfig.beam_size, ge=1, le=SERVER_MAX_BEAM_SIZE, description="1 = greedy search")
     nbest: int = Field(DecodeConfig.nbest, ge=1, description="hypotheses per sentence, at most beam_size")
     # ge / le alone let NaN through (every comparison with NaN is false).
-    length_penalty: float = Field(DecodeConfig.length_penalty, ge=0.0, le=10.0, allow_inf_nan=False,
+    length_penalty: float = Field(DecodeConfig.length_penalty, ge=0.0, le=MAX_LENGTH_PENALTY, allow_inf_nan=False,
                                   description="alpha of Wu et al. (2016)")
-    sampling_topk: int = Field(DecodeConfig.sampling_topk, ge=0, le=100_000,
+    sampling_topk: int = Field(DecodeConfig.sampling_topk, ge=0, le=SERVER_MAX_SAMPLING_TOPK,
                                description="sample from the k most probable pieces (0 = all; 1 = no sampling)")
     sampling_topp: float = Field(DecodeConfig.sampling_topp, gt=0.0, le=1.0, allow_inf_nan=False,
                                  description="nucleus sampling: the smallest set holding this probability")
-    temperature: float = Field(DecodeConfig.temperature, gt=0.0, le=100.0, allow_inf_nan=False,
+    temperature: float = Field(DecodeConfig.temperature, gt=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False,
                                description="divides the log-probs before sampling")
-    seed: int = Field(DecodeConfig.seed, ge=0, le=(1 << 63) - 1, description="same seed and text, same samples")
+    seed: int = Field(DecodeConfig.seed, ge=0, le=MAX_SEED, description="same seed and text, same samples")
     alignment: bool = Field(False, description="also return Pharaoh word alignments ('i-j ...') per hypothesis")
 
     @model_validator(mode="after")
@@ -51,9 +58,9 @@ class TranslateRequest(BaseModel):
             raise ValueError(
                 "give exactly one of 'text' (a string) or 'texts' (a list of strings)"
             )
-        sampling = self.sampling_topk != 1 or self.sampling_topp < 1.0
-        if sampling and self.nbest > MAX_BEAM_SIZE:
-            raise ValueError(f"nbest ({self.nbest}) must be <= {MAX_BEAM_SIZE} samples")
+        sampling = is_sampling(self.sampling_topk, self.sampling_topp)
+        if sampling and self.nbest > SERVER_MAX_BEAM_SIZE:
+            raise ValueError(f"nbest ({self.nbest}) must be <= {SERVER_MAX_BEAM_SIZE} samples")
         if not sampling and self.nbest > self.beam_size:
             raise ValueError(f"nbest ({self.nbest}) must be <= beam_size ({self.beam_size})")
         if self.text is not None:

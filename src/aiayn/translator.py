@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from aiayn import hardware
-from aiayn.config import DecodeConfig
+from aiayn.config import PAPER_DECODE, DecodeConfig
 from aiayn.inference import beam_step_for, check_precision, decoding_timings, prepare
-from aiayn.search import beam_search, sample_search, score_tokens
+from aiayn.search import generate, score_tokens, strategy
 
 
 @dataclass
@@ -94,7 +94,7 @@ class Translator:
             warnings.warn(self.precision_choice.message, RuntimeWarning, stacklevel=2)
         self.precision = self.precision_choice.precision
         self.model = prepare(model, precision=self.precision, device=self.device, compile=compile)  # a copy
-        self.step = beam_step_for(self.device)  # for beam_search(step=...); None: the search's own
+        self.step = beam_step_for(self.device)  # for BeamSearch(step=...); None: the search's own
         self.tokenizer = tokenizer
         self.info = dict(info or {})
         self.model_dir: Path | None = None  # set by `load`: where the original weights are (for `explain`)
@@ -143,13 +143,8 @@ class Translator:
     def translate(
         self,
         sentences: list[str],
-        decode: DecodeConfig | None = None,
+        decode: DecodeConfig = PAPER_DECODE,
         *,
-        beam_size: int | None = None,
-        length_penalty: float | None = None,
-        max_len_a: float | None = None,
-        max_len_b: int | None = None,
-        nbest: int | None = None,
         batch_tokens: int = 4096,
         return_scores: bool = False,
         progress: bool = False,
@@ -157,13 +152,13 @@ class Translator:
     ) -> list[str] | list[list[tuple[str, float]]]:
         """Translate `sentences`; output i belongs to input i.
 
-        With `decode.sampling`, the translations are random samples (`aiayn.search.sample_search`):
+        `decode` sets the search (`aiayn.search.strategy`; default `DecodeConfig()`: the paper's
+        beam 4, length penalty 0.6, max length S + 50). With `decode.sampling`, the translations
+        are random samples (`aiayn.search.Sampling`):
         nbest of them per sentence, from generators seeded with decode.seed and the sentence's
         text, so that the same seed gives the same samples whatever the batch. `prefixes`: one
         target prefix per sentence ("" for none): every translation starts with its pieces.
 
-        The search settings are `decode` (default `DecodeConfig()`: the paper's beam 4, length
-        penalty 0.6, max length S + 50), with any field given by keyword replaced.
         Sentences are sorted by length and grouped into batches of at most `batch_tokens` padded
         source pieces (at least one sentence each), then put back in input order. An empty or
         whitespace-only line gives "" (score 0.0). A source longer than max_positions pieces is
@@ -175,12 +170,9 @@ class Translator:
             list of (translation, length-normalised log-prob score), best first (one ("", 0.0)
             entry for an empty line; fewer than nbest where fewer hypotheses exist).
         Raises:
-            ValueError: bad beam_size / nbest / length_penalty / max_len_* (`DecodeConfig`) or batch_tokens;
+            ValueError: a bad batch_tokens (`DecodeConfig` checks its own fields);
                 a sentence that is not a str or is not valid Unicode (a lone surrogate), named by line.
         """
-        overrides = {"beam_size": beam_size, "length_penalty": length_penalty, "max_len_a": max_len_a,
-                     "max_len_b": max_len_b, "nbest": nbest}
-        decode = (decode or DecodeConfig()).replace(**{k: v for k, v in overrides.items() if v is not None})
         if batch_tokens < 1:
             raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
         _check_sentences(sentences)
@@ -199,14 +191,10 @@ class Translator:
             progress_bar.update(len(sentences) - len(sources))
         for batch, src_tokens in self._batches(sources, batch_tokens):
             prefix = None if prefix_ids is None else [prefix_ids[i] for i in batch]
+            seeds = [_sentence_seed(decode.seed, sentences[i]) for i in batch] if decode.sampling else None
             with torch.inference_mode():
-                if decode.sampling:
-                    seeds = [_sentence_seed(decode.seed, sentences[i]) for i in batch]
-                    hypotheses = sample_search(self.model, src_tokens, seeds=seeds, prefix=prefix,
-                                               **decode.sampling_arguments())
-                else:
-                    hypotheses = beam_search(self.model, src_tokens, **decode.search_arguments(), step=self.step,
-                                             prefix=prefix)
+                search = strategy(decode, step=self.step, seeds=seeds)
+                hypotheses = generate(self.model, src_tokens, decode, search, prefix=prefix)
             for i, hyps in zip(batch, hypotheses):
                 texts = self.tokenizer.decode_batch([h.tokens for h in hyps])
                 results[i] = [(text, h.score) for text, h in zip(texts, hyps)]
@@ -331,7 +319,8 @@ class Translator:
         src_tokens = torch.tensor([src_ids], dtype=torch.long, device=self.device)  # [1, S]
         with torch.inference_mode():
             if target is None:
-                best = beam_search(self.model, src_tokens, **DecodeConfig().search_arguments(), step=self.step)[0][0]
+                decode = DecodeConfig()
+                best = generate(self.model, src_tokens, decode, strategy(decode, step=self.step))[0][0]
                 tgt_ids = best.tokens
             else:
                 tgt_ids = self.tokenizer.encode(target)[: config.max_positions - 1]
