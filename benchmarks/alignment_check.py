@@ -1,4 +1,4 @@
-"""A hand check of `aiayn translate --alignment` (issue 25): ten Multi30k test_2016 sentences, their
+"""A hand check of `aiayn translate --alignment`: ten Multi30k test_2016 sentences, their
 translations by a De->En model, and the source words a reader aligns each target word with.
 
 For each decoder layer (cross-attention averaged over heads) and two row conventions (the query

@@ -1,4 +1,4 @@
-"""The command line's failure cases, as a clumsy or hostile user meets them (issue 22).
+"""The command line's failure cases, as a clumsy or hostile user meets them.
 
 Runs `python -m aiayn ...` in a temporary directory for each case and prints a table: exit
 status, the first line of stderr (or "traceback: <its last line>"), and a check of what must

@@ -1,4 +1,4 @@
-"""Positional encodings compared on Multi30k De->En, with a length-extrapolation split (issue 23).
+"""Positional encodings compared on Multi30k De->En, with a length-extrapolation split.
 
 Every kind of `ModelConfig.positional_encoding` is trained with the same recipe (the demo model of
 configs/multi30k-de-en-demo.yaml: d_model 128, 4 heads, d_ff 512, 4 + 4 layers, 5k joint BPE) for

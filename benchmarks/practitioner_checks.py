@@ -1,4 +1,4 @@
-"""Checks of `aiayn score` and sampling on a trained model and all of test_2016_flickr (issue 25).
+"""Checks of `aiayn score` and sampling on a trained model and all of test_2016_flickr.
 
 1. Forced scoring against the search: each beam-4 hypothesis (4-best, length penalty 0, so that
    a hypothesis's score is its log-probability) is scored by `Translator.score`; prints the

@@ -40,10 +40,10 @@ FEATURES = (
 # bf16 is chosen by `auto` only when the caller's timing shows at least this speed-up over fp32:
 # a smaller gain is within the noise of a short measurement, and fp32 is the exact reference.
 MIN_BF16_SPEEDUP = 1.1
-# A reference bf16 GEMM against MKL's float32 one (issue 20, an AVX2 AMD EPYC: 56 against 1,863
+# A reference bf16 GEMM against MKL's float32 one (measured on an AVX2 AMD EPYC: 56 against 1,863
 # training target tokens/s).
 NON_NATIVE_BF16_SLOWDOWN = 30
-# `torch._int_mm` without VNNI against float32 decoding (issue 20, the same CPU: 87 against 1,726
+# `torch._int_mm` without VNNI against float32 decoding (the same CPU: 87 against 1,726
 # tokens/s). int8 weights with float32 activations (`torch._weight_int8pack_mm`) are no way out:
 # 15x slower than float32 at beam 4 with PyTorch's AVX2 kernels (benchmarks/RESULTS.md).
 NON_VNNI_INT8_SLOWDOWN = 20
