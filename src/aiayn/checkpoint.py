@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from aiayn.atomic import atomic_write_bytes, publish
 from aiayn.config import ModelConfig
 from aiayn.model import Transformer
 from aiayn.tokenizer import Tokenizer
@@ -29,50 +30,13 @@ CONFIG_FILE = "config.json"
 # --- model directories -----------------------------------------------------------------------
 
 
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
-def _publish(tmp: str | Path, path: Path, mode: int = 0o666) -> None:
-    """Make a finished temporary file or directory durable and visible under `path`: its mode as
-    any new file would have (mkstemp's are 0600), fsync, rename, fsync the directory, so that
-    after a power loss the name holds either the old or the new content, never an empty file."""
-    os.chmod(tmp, mode & ~_umask())
-    for file in [Path(tmp)] if Path(tmp).is_file() else sorted(Path(tmp).iterdir()):
-        fd = os.open(file, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _atomic_save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata=metadata)
-        _publish(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -262,7 +226,7 @@ def save_checkpoint(run_dir: str | Path, model: Transformer, state: dict[str, An
             old = root / f".old_{final.name}"
             os.replace(final, old)
             _remove_tree(old)
-        _publish(tmp, final, mode=0o777)
+        publish(tmp, final, mode=0o777)
     except BaseException:
         _remove_tree(tmp)
         raise

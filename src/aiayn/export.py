@@ -375,7 +375,8 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def _publish_directory(out: Path, write: Callable[[Path], None]) -> Path:
     """Write into a temporary directory beside `out`, then swap it in: a failed export leaves
     `out` as it was."""
-    from aiayn.checkpoint import _publish, _remove_tree
+    from aiayn.atomic import publish
+    from aiayn.checkpoint import _remove_tree
 
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp_{out.name}."))
     old = None
@@ -384,7 +385,7 @@ def _publish_directory(out: Path, write: Callable[[Path], None]) -> Path:
         if out.exists():
             old = out.parent / f".old_{out.name}.{tmp.name.rsplit('.', 1)[-1]}"
             out.rename(old)
-        _publish(tmp, out, mode=0o777)
+        publish(tmp, out, mode=0o777)
     except BaseException:
         _remove_tree(tmp)
         if old is not None and not out.exists():

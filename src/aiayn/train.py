@@ -25,9 +25,9 @@ import torch
 
 from aiayn import hardware
 from aiayn.allocator import retain_freed_memory
+from aiayn.atomic import atomic_write_bytes
 from aiayn.checkpoint import (
     _unwrap,
-    atomic_write_bytes,
     checkpoint_paths,
     latest_checkpoint,
     prepare_run_directory,
