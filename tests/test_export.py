@@ -278,10 +278,3 @@ def test_cli_export(model_dir: Path, tmp_path: Path, capsys):
     assert MarianMTModel.from_pretrained(tmp_path / "m").config.decoder_start_token_id == 2
     assert main(["export", "--model", str(model_dir), "--to", "marian", "--out", str(tmp_path / "m")]) == 2
     assert "--overwrite" in capsys.readouterr().err
-
-
-def test_cli_choices_are_the_exports():
-    from aiayn import cli
-    from aiayn.export import CTRANSLATE2_QUANTIZATIONS, TARGETS
-
-    assert cli._EXPORT_TARGETS == TARGETS and cli._EXPORT_QUANTIZATIONS == CTRANSLATE2_QUANTIZATIONS

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Sequence
 
 from aiayn import __version__
-from aiayn.config import DecodeConfig
+from aiayn.config import CTRANSLATE2_QUANTIZATIONS, EXPORT_TARGETS, PRECISIONS, TRAIN_PRECISIONS, DecodeConfig
 
 # --- train -----------------------------------------------------------------------------------
 
@@ -45,7 +45,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--accumulate", type=int)
     p.add_argument("--lr-scale", type=float)
     p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+    p.add_argument("--precision", choices=TRAIN_PRECISIONS,
                    help="auto (default): bf16 autocast where it is native and measured faster, else fp32")
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--seed", type=int)
@@ -329,7 +329,7 @@ def _add_decode_options(p: argparse.ArgumentParser, *, model_required: bool = Tr
 
 
 def _add_precision_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto (default): bf16 where it is native and measured faster here, else fp32 "
                         "(see `aiayn info`); bf16: weights cast to bfloat16; int8: linear layers in int8 "
                         "arithmetic (CPU only; changes translations slightly)")
@@ -571,10 +571,6 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 # --- export ----------------------------------------------------------------------------------
 
 
-# aiayn.export's TARGETS and CTRANSLATE2_QUANTIZATIONS, spelled out: importing it would import torch for --help.
-_EXPORT_TARGETS = ("marian", "ctranslate2")
-_EXPORT_QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16",
-                         "float32")
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -584,9 +580,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                                    "same function; the README says which decoding options reproduce aiayn's "
                                    "output (no </s> on the source, the length penalty, the maximum length).")
     p.add_argument("--model", required=True, help="model directory")
-    p.add_argument("--to", required=True, choices=_EXPORT_TARGETS, help="the library to export to")
+    p.add_argument("--to", required=True, choices=EXPORT_TARGETS, help="the library to export to")
     p.add_argument("--out", required=True, help="directory to write")
-    p.add_argument("--quantization", choices=_EXPORT_QUANTIZATIONS,
+    p.add_argument("--quantization", choices=CTRANSLATE2_QUANTIZATIONS,
                    help="ctranslate2 only: weight type (default float32), e.g. int8")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(handler=_run_export)

@@ -16,6 +16,14 @@ from typing import Any, TypeVar
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 POSITIONAL_ENCODINGS = ("sinusoidal", "learned", "rope", "alibi", "relative", "none")
+# Precisions: what aiayn.inference.prepare converts a model to, what --precision takes ("auto" is
+# resolved by aiayn.hardware), and what training runs in (int8 is for inference only).
+MODEL_PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("auto", *MODEL_PRECISIONS)
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
+EXPORT_TARGETS = ("marian", "ctranslate2")  # aiayn.export
+CTRANSLATE2_QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16",
+                             "bfloat16", "float32")
 SCHEDULES = ("inverse_sqrt", "constant", "linear", "cosine", "wsd")  # aiayn.optim
 OPTIMIZERS = ("adam", "adamw", "sgd", "muon")  # aiayn.optim
 
@@ -291,8 +299,8 @@ class TrainConfig(_DictConfig):
             _check_number(name, getattr(self, name), 0.0, 1.0, high_open=True)
         for name in ("adam_eps", "weight_decay", "clip_norm"):
             _check_number(name, getattr(self, name), 0.0, math.inf)
-        _check(isinstance(self.precision, str) and self.precision in ("auto", "fp32", "bf16"),
-               f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        _check(isinstance(self.precision, str) and self.precision in TRAIN_PRECISIONS,
+               f"precision must be one of {TRAIN_PRECISIONS}, got {self.precision!r}")
         _check(isinstance(self.device, str) and self.device in ("cpu", "cuda"),
                f"device must be cpu or cuda, got {self.device!r}")
         for name in ("max_epochs", "max_minutes", "max_tflop"):

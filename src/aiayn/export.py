@@ -58,13 +58,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from aiayn.config import DecodeConfig, ModelConfig
+from aiayn.config import CTRANSLATE2_QUANTIZATIONS, DecodeConfig, ModelConfig
+from aiayn.config import EXPORT_TARGETS as TARGETS
 from aiayn.model import Transformer, sinusoidal_table
 from aiayn.tokenizer import Tokenizer
 
-TARGETS = ("marian", "ctranslate2")
-CTRANSLATE2_QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16",
-                             "bfloat16", "float32")
 # The output length (pieces, EOS included) at which the exports' default length penalty changes
 # like GNMT's (see `marian_length_penalty`): a typical sentence. On test2016 the demo model's
 # translations average 14 pieces; sweeping CTranslate2's beta there, agreement with aiayn's beam 4

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16", "int8")
+from aiayn.config import PRECISIONS
+
 # The features named in reports, in cpuinfo's spelling (`torch.cpu.get_capabilities()`).
 FEATURES = (
     "avx2", "fma3", "avx512_f", "avx512_bw", "avx512_vl", "avx512_dq", "avx512_bf16", "avx512_vnni",

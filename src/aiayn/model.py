@@ -37,7 +37,6 @@ from aiayn.config import ModelConfig
 # The last four add nothing to the embeddings, and encoder-decoder attention takes none of them.
 # max_positions still bounds every kind's lengths (the search and the server rely on it).
 
-ADDED_ENCODINGS = ("sinusoidal", "learned")  # added to the embeddings; the others live in attention
 # Shaw et al.'s clipping distance k ("we use k = 16", section 4): beyond 16 pieces every distance
 # looks the same, which is also what lets the encoding run on sentences longer than the training ones.
 RELATIVE_DISTANCE = 16

@@ -21,6 +21,6 @@ flags (around each compiled call, under a lock).
 """
 
 from aiayn.inference.beam_step import beam_step_for
-from aiayn.inference.prepare import PRECISIONS, check_precision, decoding_timings, prepare
+from aiayn.inference.prepare import check_precision, decoding_timings, prepare
 
-__all__ = ["PRECISIONS", "beam_step_for", "check_precision", "decoding_timings", "prepare"]
+__all__ = ["beam_step_for", "check_precision", "decoding_timings", "prepare"]

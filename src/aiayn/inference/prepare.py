@@ -11,6 +11,7 @@ import warnings
 import torch
 
 from aiayn import hardware
+from aiayn.config import MODEL_PRECISIONS
 from aiayn.allocator import retain_freed_memory
 from aiayn.attention import MultiHeadAttention
 from aiayn.inference import prepack
@@ -18,7 +19,6 @@ from aiayn.inference.attention import cpu_attention
 from aiayn.inference.compile import compile_model
 from aiayn.inference.quantize import quantize_int8
 
-PRECISIONS = ("fp32", "bf16", "int8")  # what a model is converted to; "auto" resolves to one of them
 
 
 def check_precision(precision: str, device: str | torch.device) -> torch.device:
@@ -27,8 +27,8 @@ def check_precision(precision: str, device: str | torch.device) -> torch.device:
     Raises:
         ValueError: an unknown precision, or int8 off the CPU.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision not in MODEL_PRECISIONS:
+        raise ValueError(f"precision must be one of {MODEL_PRECISIONS}, got {precision!r}")
     device = torch.device(device)
     if precision == "int8" and device.type != "cpu":
         raise ValueError(f"precision int8 runs on the CPU only, got device {device}")
@@ -109,4 +109,4 @@ def decoding_timings(model, device: str | torch.device, precisions=("fp32", "bf1
     return hardware.time_each(runs)
 
 
-__all__ = ["PRECISIONS", "check_precision", "decoding_timings", "prepare"]
+__all__ = ["check_precision", "decoding_timings", "prepare"]
