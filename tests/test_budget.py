@@ -166,3 +166,17 @@ def test_resume_keeps_the_compute_count(tmp_path, corpus):  # noqa: F811
     resumed = fit(_model(tokenizer), tokenizer, train, _config(max_steps=6), tmp_path / "b", resume=True,
                   progress=False)
     assert resumed["tflop"] == straight["tflop"] > 0
+
+
+def test_a_minutes_budget_under_a_budgeted_schedule_probes_the_step_time(tmp_path, corpus, capsys):  # noqa: F811
+    tokenizer, train, _ = corpus
+    # Minutes that cannot run out in 4 updates on any machine: the step budget ends the run, and the
+    # schedule's estimate is the smaller of the two.
+    summary = fit(_model(tokenizer), tokenizer, train, _config(max_steps=4, max_minutes=600.0, schedule="cosine",
+                                                               peak_lr=1e-3), tmp_path, progress=False)
+    assert summary["steps"] == 4
+    assert "schedule cosine: about 4 updates in the budget" in capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["budget_updates"] for r in records if "loss" in r] == [4, 4, 4, 4]
+    assert [r["lr"] for r in records if "loss" in r] == pytest.approx(
+        [budgeted_rate(step, 4, schedule="cosine", peak=1e-3, warmup_fraction=0.05) for step in (1, 2, 3, 4)])
