@@ -20,7 +20,8 @@ sync_api = pytest.importorskip(
 from aiayn.config import ModelConfig
 from aiayn.data import read_parallel
 from aiayn.model import Transformer
-from aiayn.server import background_server, create_app
+from aiayn.serve.app import create_app
+from aiayn.serve.http import background_server
 from aiayn.tokenizer import Tokenizer
 from aiayn.checkpoint import save_model
 from conftest import MULTI30K

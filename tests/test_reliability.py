@@ -294,7 +294,7 @@ def test_device_cuda_without_cuda(run_dir, text_files, tmp_path, capsys):
 
 def test_serve_on_a_port_in_use_says_so_before_loading(run_dir, capsys, monkeypatch):
     pytest.importorskip("uvicorn")
-    monkeypatch.setattr("aiayn.server.serve", lambda *a, **k: pytest.fail("served on a port in use"))
+    monkeypatch.setattr("aiayn.serve.app.serve", lambda *a, **k: pytest.fail("served on a port in use"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -306,7 +306,7 @@ def test_serve_on_a_port_in_use_says_so_before_loading(run_dir, capsys, monkeypa
 def test_serve_limits_from_the_command_line(run_dir, capsys, monkeypatch):
     pytest.importorskip("uvicorn")
     seen = {}
-    monkeypatch.setattr("aiayn.server.serve", lambda *args, **kwargs: seen.update(kwargs))
+    monkeypatch.setattr("aiayn.serve.app.serve", lambda *args, **kwargs: seen.update(kwargs))
     assert main(["serve", "--model", str(run_dir), "--port", "0", "--max-queue", "7", "--request-timeout", "2.5",
                  "--keep-alive", "3", "--max-attention-weights", "5000"]) == 0
     limits = seen["limits"]

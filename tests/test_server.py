@@ -19,7 +19,10 @@ from aiayn.config import ModelConfig
 from aiayn.data import read_parallel
 from aiayn.model import Transformer
 from aiayn.config import DecodeConfig
-from aiayn.server import BatchingWorker, ServerLimits, background_server, create_app
+from aiayn.serve.app import create_app
+from aiayn.serve.http import background_server
+from aiayn.serve.limits import ServerLimits
+from aiayn.serve.worker import BatchingWorker
 from aiayn.tokenizer import Tokenizer
 from aiayn.checkpoint import save_model
 from conftest import MULTI30K

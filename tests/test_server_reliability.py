@@ -20,16 +20,10 @@ pytest.importorskip("fastapi", reason="serving needs the optional extra aiayn[se
 httpx = pytest.importorskip("httpx", reason="the server tests need httpx")
 
 from aiayn.config import DecodeConfig
-from aiayn.server import (
-    BYTES_PER_WEIGHT,
-    BatchingWorker,
-    DeadlinePassed,
-    ServerBusy,
-    ServerLimits,
-    attention_weights,
-    background_server,
-    create_app,
-)
+from aiayn.serve.app import create_app
+from aiayn.serve.http import background_server
+from aiayn.serve.limits import BYTES_PER_WEIGHT, ServerLimits, attention_weights
+from aiayn.serve.worker import BatchingWorker, DeadlinePassed, ServerBusy
 from conftest import MULTI30K
 from test_server import SENTENCES, make_tiny_model_dir
 
