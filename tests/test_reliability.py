@@ -30,18 +30,14 @@ from aiayn.config import MAX_BEAM_SIZE, DecodeConfig, TrainConfig
 from aiayn.data import DataError, read_lines
 from aiayn.tokenizer import Tokenizer
 from aiayn.translator import Translator
-from conftest import MULTI30K
+from conftest import tiny_pairs
 
 SENTENCES = ["Ein Hund läuft .", "Zwei Männer spielen Fußball .", "Eine Frau liest ."] * 20
 
 
 @pytest.fixture(scope="module")
 def text_files(tmp_path_factory):
-    from aiayn.data import read_parallel
-
-    if not MULTI30K.is_dir():
-        pytest.skip(f"Multi30k not found at {MULTI30K}")
-    text = read_parallel(MULTI30K / "val.de.gz", MULTI30K / "val.en.gz")
+    text = tiny_pairs()
     root = tmp_path_factory.mktemp("text")
     (root / "train.de").write_text("\n".join(text.src[:300]) + "\n", encoding="utf-8")
     (root / "train.en").write_text("\n".join(text.tgt[:300]) + "\n", encoding="utf-8")
