@@ -17,13 +17,8 @@ sync_api = pytest.importorskip(
     "playwright.sync_api", reason="Playwright for Python is not installed"
 )
 
-from aiayn.config import ModelConfig
-from aiayn.data import read_parallel
-from aiayn.model import Transformer
-from aiayn.server import background_server, create_app
-from aiayn.tokenizer import Tokenizer
-from aiayn.checkpoint import save_model
-from conftest import MULTI30K
+from aiayn.serve.app import create_app
+from aiayn.serve.http import background_server
 
 CHROMIUM = os.environ.get("AIAYN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -40,28 +35,12 @@ SENTENCE = "Zwei Hunde spielen im Schnee."
 
 
 @pytest.fixture(scope="module")
-def base_url(tmp_path_factory: pytest.TempPathFactory):
+def base_url(tiny_model_dir: Path):
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"Chromium not found at {CHROMIUM} (Debian: apt-get install chromium)")
-    if not (MULTI30K / "val.de.gz").is_file():
-        pytest.skip(f"Multi30k validation data not found in {MULTI30K}")
-    import torch
-
     from aiayn.translator import Translator
 
-    pairs = read_parallel(MULTI30K / "val.de.gz", MULTI30K / "val.en.gz")
-    tokenizer = Tokenizer.train(pairs.src[:300] + pairs.tgt[:300], vocab_size=300)
-    torch.manual_seed(0)
-    model = Transformer(
-        ModelConfig.preset("tiny", vocab_size=tokenizer.vocab_size, max_positions=512)
-    )
-    model_dir = save_model(
-        model,
-        tokenizer,
-        tmp_path_factory.mktemp("tiny-model"),
-        {"src_lang": "de", "tgt_lang": "en"},
-    )
-    with background_server(create_app(Translator.load(model_dir))) as url:
+    with background_server(create_app(Translator.load(tiny_model_dir))) as url:
         yield url
 
 

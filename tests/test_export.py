@@ -13,7 +13,6 @@ import torch
 
 from aiayn.checkpoint import load_model, save_model
 from aiayn.config import ModelConfig
-from aiayn.data import read_parallel
 from aiayn.export import (
     ctranslate2_length_penalty,
     export,
@@ -23,7 +22,7 @@ from aiayn.export import (
 from aiayn.model import Transformer, sinusoidal_table
 from aiayn.search import beam_search, max_output_lengths
 from aiayn.tokenizer import Tokenizer
-from conftest import MULTI30K
+from conftest import tiny_pairs
 
 SENTENCES = 40
 
@@ -63,13 +62,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def corpus() -> tuple[Tokenizer, list[str], list[str]]:
+def corpus(tiny_tokenizer: Tokenizer) -> tuple[Tokenizer, list[str], list[str]]:
     """A 300-piece tokenizer, the sentences to translate, and 300 pairs to train on."""
-    if not (MULTI30K / "val.de.gz").is_file():
-        pytest.skip(f"Multi30k validation data not found in {MULTI30K}")
-    pairs = read_parallel(MULTI30K / "val.de.gz", MULTI30K / "val.en.gz")
-    tokenizer = Tokenizer.train(pairs.src[:300] + pairs.tgt[:300], vocab_size=300)
-    return tokenizer, pairs.src[300:300 + SENTENCES], (pairs.src[:300], pairs.tgt[:300])
+    pairs = tiny_pairs()
+    return tiny_tokenizer, pairs.src[300:300 + SENTENCES], (pairs.src[:300], pairs.tgt[:300])
 
 
 def make_model_dir(directory: Path, tokenizer: Tokenizer, train: tuple[list[str], list[str]] | None = None,

@@ -4,19 +4,14 @@ hands to the paper code (attention, beam step) give what the paper code gives.""
 import pytest
 import torch
 
-from aiayn import ModelConfig, Transformer
 from aiayn.attention import MultiHeadAttention, padding_mask, reference_attention, scaled_dot_product_attention
 from aiayn.inference import beam_step_for, fused_beam_step, prepare
 from aiayn.inference.attention import cpu_attention, summed_attention
 from aiayn.inference.beam_step import block_beam_step
 from aiayn.search import beam_search, log_prob_step
+from conftest import tiny_model
 
 PAD = 0
-
-
-def tiny_model(seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig.preset("tiny", vocab_size=40, max_positions=64, share_embeddings=False)).eval()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

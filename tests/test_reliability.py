@@ -30,18 +30,14 @@ from aiayn.config import MAX_BEAM_SIZE, DecodeConfig, TrainConfig
 from aiayn.data import DataError, read_lines
 from aiayn.tokenizer import Tokenizer
 from aiayn.translator import Translator
-from conftest import MULTI30K
+from conftest import tiny_pairs
 
 SENTENCES = ["Ein Hund läuft .", "Zwei Männer spielen Fußball .", "Eine Frau liest ."] * 20
 
 
 @pytest.fixture(scope="module")
 def text_files(tmp_path_factory):
-    from aiayn.data import read_parallel
-
-    if not MULTI30K.is_dir():
-        pytest.skip(f"Multi30k not found at {MULTI30K}")
-    text = read_parallel(MULTI30K / "val.de.gz", MULTI30K / "val.en.gz")
+    text = tiny_pairs()
     root = tmp_path_factory.mktemp("text")
     (root / "train.de").write_text("\n".join(text.src[:300]) + "\n", encoding="utf-8")
     (root / "train.en").write_text("\n".join(text.tgt[:300]) + "\n", encoding="utf-8")
@@ -294,7 +290,7 @@ def test_device_cuda_without_cuda(run_dir, text_files, tmp_path, capsys):
 
 def test_serve_on_a_port_in_use_says_so_before_loading(run_dir, capsys, monkeypatch):
     pytest.importorskip("uvicorn")
-    monkeypatch.setattr("aiayn.server.serve", lambda *a, **k: pytest.fail("served on a port in use"))
+    monkeypatch.setattr("aiayn.serve.app.serve", lambda *a, **k: pytest.fail("served on a port in use"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -306,7 +302,7 @@ def test_serve_on_a_port_in_use_says_so_before_loading(run_dir, capsys, monkeypa
 def test_serve_limits_from_the_command_line(run_dir, capsys, monkeypatch):
     pytest.importorskip("uvicorn")
     seen = {}
-    monkeypatch.setattr("aiayn.server.serve", lambda *args, **kwargs: seen.update(kwargs))
+    monkeypatch.setattr("aiayn.serve.app.serve", lambda *args, **kwargs: seen.update(kwargs))
     assert main(["serve", "--model", str(run_dir), "--port", "0", "--max-queue", "7", "--request-timeout", "2.5",
                  "--keep-alive", "3", "--max-attention-weights", "5000"]) == 0
     limits = seen["limits"]

@@ -8,23 +8,22 @@ import pytest
 import torch
 
 import aiayn.search
-from aiayn import ModelConfig, Transformer
+from aiayn import Transformer
 from aiayn.inference import fused_beam_step
 from aiayn.inference.beam_step import block_beam_step
 from aiayn.search import Hypothesis, beam_search, beam_step, greedy_search, length_penalty
+from conftest import tiny_model
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:
-    torch.manual_seed(1)
     # A random model with tied embeddings just repeats one token (its own embedding scores
     # highest), which would hide a broken cache. Untied, with a sharper output layer and a
     # stronger EOS row, this one produces varied tokens and stops at varied lengths (some at the
     # maximum, some earlier), so the tests below exercise both ways a hypothesis ends.
-    config = ModelConfig.preset("tiny", vocab_size=40, max_positions=64, share_embeddings=False)
-    model = Transformer(config).eval()
+    model = tiny_model(seed=1)
     with torch.no_grad():
         model.output_projection.weight.mul_(2.0)
         model.output_projection.weight[EOS].mul_(1.5)

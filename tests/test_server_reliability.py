@@ -20,25 +20,16 @@ pytest.importorskip("fastapi", reason="serving needs the optional extra aiayn[se
 httpx = pytest.importorskip("httpx", reason="the server tests need httpx")
 
 from aiayn.config import DecodeConfig
-from aiayn.server import (
-    BYTES_PER_WEIGHT,
-    BatchingWorker,
-    DeadlinePassed,
-    ServerBusy,
-    ServerLimits,
-    attention_weights,
-    background_server,
-    create_app,
-)
-from conftest import MULTI30K
-from test_server import SENTENCES, make_tiny_model_dir
+from aiayn.serve.app import create_app
+from aiayn.serve.http import background_server
+from aiayn.serve.limits import BYTES_PER_WEIGHT, ServerLimits, attention_weights
+from aiayn.serve.worker import BatchingWorker, DeadlinePassed, ServerBusy
+from test_server import SENTENCES
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not (MULTI30K / "val.de.gz").is_file():
-        pytest.skip(f"Multi30k validation data not found in {MULTI30K}")
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
+def model_dir(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -431,10 +422,12 @@ def test_attention_near_the_default_character_limit_stays_under_1_mb(translator,
     # Letters the small test vocabulary mostly lacks: one piece per character, refused before
     # decoding; the next is refused once its (untrained, long) translation is known.
     jumble = "".join("qxzjvkwyäöüß0123456789QXZJ"[i * 7 % 26] for i in range(limits.max_attention_chars))
-    texts = [jumble, ("Ein Mann " * 34)[: limits.max_attention_chars], "Ein Mann " * 33]
+    texts = [jumble, ("Mann " * 61)[: limits.max_attention_chars], "Fahrrad " * 37]
     with background_server(create_app(translator, limits=limits)) as url:
         responses = [httpx.post(f"{url}/attention", json={"text": text}, timeout=30) for text in texts]
     assert [r.status_code for r in responses] == [422, 422, 200]
+    second = reference.attention(texts[1])  # its source alone is within the limit: refused after decoding
+    assert attention_weights(reference.model.config, len(second.source_tokens), 1) <= limits.max_attention_weights
     for text, response in zip(texts, responses):
         expected = reference.attention(text)
         weights = attention_weights(reference.model.config, len(expected.source_tokens), len(expected.target_tokens))

@@ -12,20 +12,16 @@ from aiayn.inference import prepack
 from aiayn import translator as translator_module
 from aiayn.cli import main
 from aiayn.config import DecodeConfig
-from aiayn.data import read_parallel
 from aiayn.search import beam_search
-from aiayn.tokenizer import Tokenizer
 from aiayn.checkpoint import save_model
 from aiayn.translator import AttentionResult, Translator
-from conftest import MULTI30K
 
 MAX_POSITIONS = 40
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    pairs = read_parallel(MULTI30K / "val.de.gz", MULTI30K / "val.en.gz")
-    tokenizer = Tokenizer.train(pairs.src[:300] + pairs.tgt[:300], vocab_size=300, num_threads=1)
+def model_dir(tmp_path_factory, tiny_tokenizer):
+    tokenizer = tiny_tokenizer
     torch.manual_seed(0)
     config = ModelConfig.preset("tiny", vocab_size=tokenizer.vocab_size, max_positions=MAX_POSITIONS)
     model = Transformer(config).eval()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import io
 import sys
 import warnings
@@ -29,24 +28,15 @@ from aiayn.visualize import (
     position_similarity,
 )
 
-MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
 SOURCE = "Ein kleines Mädchen läuft über die Straße."
 TARGET = "A little girl runs across the street."
 DPI = 50  # small PNGs keep the tests fast; sizes scale linearly
 
 
-def _lines(name: str, limit: int) -> list[str]:
-    path = MULTI30K / name
-    if not path.is_file():
-        pytest.skip(f"Multi30k copy not found at {MULTI30K}")
-    with gzip.open(path, "rt", encoding="utf-8") as handle:
-        return handle.read().split("\n")[:limit]
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Tokenizer) -> Path:
     """A saved, untrained tiny model with a 300-piece joint vocabulary (De + En)."""
-    tokenizer = Tokenizer.train(_lines("val.de.gz", 400) + _lines("val.en.gz", 400), 300)
+    tokenizer = tiny_tokenizer
     torch.manual_seed(0)
     model = Transformer(ModelConfig.preset("tiny", vocab_size=tokenizer.vocab_size)).eval()
     return save_model(model, tokenizer, tmp_path_factory.mktemp("model"), {"src_lang": "de", "tgt_lang": "en"})

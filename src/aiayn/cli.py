@@ -268,7 +268,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    from aiayn.server import MAX_BATCH_SENTENCES, MAX_WAIT_MS  # light: FastAPI is imported when serving
+    from aiayn.serve.limits import MAX_BATCH_SENTENCES, MAX_WAIT_MS  # light: FastAPI is imported when serving
 
     p.add_argument("--max-batch-sentences", type=int, default=MAX_BATCH_SENTENCES,
                    help=f"most sentences merged into one model call (default {MAX_BATCH_SENTENCES})")
@@ -277,7 +277,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-batching", action="store_true", help="one model call per request (baseline)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     _add_precision_options(p)
-    from aiayn.server import ServerLimits
+    from aiayn.serve.limits import ServerLimits
 
     limits = p.add_argument_group("limits (what exceeds them is refused with 413, 422 or 503 before the model)")
     defaults = ServerLimits()
@@ -301,7 +301,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from aiayn.server import ServerLimits, serve
+    from aiayn.serve.app import serve
+    from aiayn.serve.limits import ServerLimits
 
     limits = ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
     _check_port(args.host, args.port)
