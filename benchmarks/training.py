@@ -67,7 +67,7 @@ def _build(name: str, config: ModelConfig, device: torch.device, seed: int) -> t
     raise ValueError(f"unknown system {name!r}")
 
 
-def _autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -79,7 +79,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _step(system: System, batch: Batch, device: torch.device) -> None:
-    with _autocast(device, system.precision):
+    with autocast(device, system.precision):
         loss = system.loss(batch)
     loss.backward()
     system.optimizer.step()
@@ -152,7 +152,7 @@ def run(
 ) -> dict:
     """Every shape in `shapes` ({preset: {"max_tokens", "steps", "warmup", "vocab_size"}}).
 
-    All systems run in this one process with the allocator setting `aiayn.train.fit` uses on the
+    All systems run in this one process with the allocator setting `aiayn.loop.fit` uses on the
     CPU (`retain_freed_memory`: glibc keeps freed memory, no page faults between steps).
     """
     from benchmarks.workload import training_batches

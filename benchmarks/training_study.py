@@ -33,7 +33,8 @@ from aiayn.config import TrainConfig
 from aiayn.data import encode_parallel, read_parallel
 from aiayn.evaluate import score
 from aiayn.tokenizer import Tokenizer
-from aiayn.train import fit, load_recipe
+from aiayn.loop import fit
+from aiayn.recipe import load_recipe
 from aiayn.translator import Translator
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from aiayn.compute import batches_flops, stack_parameters, step_flops
 from aiayn.config import OPTIMIZERS, TrainConfig
 from aiayn.data import BatchIterator
 from aiayn.optim import BudgetEstimate, OptimizerGroup, budgeted_rate, build_optimizer, learning_rate_for
-from aiayn.train import fit
+from aiayn.loop import fit
 from test_train import _config, _model, corpus  # noqa: F401  (corpus is a fixture)
 
 TINY = ModelConfig.preset("tiny")

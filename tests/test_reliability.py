@@ -440,13 +440,13 @@ def test_files_are_fsynced_and_follow_the_umask(tmp_path, monkeypatch):
 def test_a_distributed_run_sets_a_collective_timeout(monkeypatch):
     import torch.distributed as dist
 
-    from aiayn.train import _distributed_context
+    from aiayn.train import distributed_context
 
     seen = {}
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.update(kw))
-    assert _distributed_context("cpu", 42) == (1, 2, 0)
+    assert distributed_context("cpu", 42) == (1, 2, 0)
     assert seen["timeout"].total_seconds() == 42 and seen["backend"] == "gloo"
     assert TrainConfig().distributed_timeout_s == 300

@@ -18,7 +18,8 @@ from aiayn.data import encode_parallel, read_parallel
 from aiayn.tokenizer import Tokenizer
 from aiayn.checkpoint import average_checkpoints, checkpoint_paths, latest_checkpoint, load_model, save_checkpoint
 from aiayn.optim import inverse_sqrt_rate as learning_rate
-from aiayn.train import TrainingDiverged, fit, label_smoothed_nll_loss
+from aiayn.loop import fit
+from aiayn.train import TrainingDiverged, label_smoothed_nll_loss
 from conftest import MULTI30K
 
 DATA = MULTI30K
@@ -194,7 +195,7 @@ sys.path.insert(0, sys.argv[1])
 from test_train import _config, _model
 from aiayn.data import encode_parallel, read_parallel
 from aiayn.tokenizer import Tokenizer
-from aiayn.train import fit
+from aiayn.loop import fit
 tokenizer = Tokenizer.load(sys.argv[2])
 text = read_parallel(sys.argv[3] + "/val.de.gz", sys.argv[3] + "/val.en.gz")
 text.src, text.tgt, text.line_numbers = text.src[:300], text.tgt[:300], text.line_numbers[:300]
@@ -288,7 +289,7 @@ def test_cli_bad_input_is_one_line_error(tmp_path, capsys):
 
 
 def test_published_recipes_are_valid():
-    from aiayn.train import load_recipe
+    from aiayn.recipe import load_recipe
 
     recipes = sorted((ROOT / "configs").glob("*.yaml"))
     assert len(recipes) >= 6
@@ -308,23 +309,23 @@ def test_sigterm_stops_after_the_update_with_a_checkpoint(tmp_path, corpus, monk
     import os
     import signal
 
-    import aiayn.train as train_module
+    import aiayn.loop as loop_module
 
     tokenizer, train, _ = corpus
-    original = train_module.learning_rate_for
+    original = loop_module.learning_rate_for
 
     def signalling(config, *, step, **kwargs):  # called at the start of each update
         if step == 3:
             os.kill(os.getpid(), signal.SIGTERM)
         return original(config, step=step, **kwargs)
 
-    monkeypatch.setattr(train_module, "learning_rate_for", signalling)
+    monkeypatch.setattr(loop_module, "learning_rate_for", signalling)
     before = signal.getsignal(signal.SIGTERM)
     summary = fit(_model(tokenizer), tokenizer, train, _config(max_steps=6), tmp_path, progress=False)
     assert summary["steps"] == 3  # update 3 finished, then the run stopped instead of dying
     assert [p.name for p in checkpoint_paths(tmp_path)] == ["step_00000003"]
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is restored
-    monkeypatch.setattr(train_module, "learning_rate_for", original)
+    monkeypatch.setattr(loop_module, "learning_rate_for", original)
     resumed = fit(_model(tokenizer), tokenizer, train, _config(max_steps=6), tmp_path, resume=True, progress=False)
     assert resumed["steps"] == 6
 
@@ -332,7 +333,7 @@ def test_sigterm_stops_after_the_update_with_a_checkpoint(tmp_path, corpus, monk
 def test_fit_precision_auto_follows_capability_and_measurement(tmp_path, corpus, monkeypatch, capsys):
     from test_hardware import AVX2, SAPPHIRE_RAPIDS
 
-    from aiayn import hardware, train
+    from aiayn import hardware, loop
 
     tokenizer, data, _ = corpus
 
@@ -340,7 +341,7 @@ def test_fit_precision_auto_follows_capability_and_measurement(tmp_path, corpus,
         raise AssertionError("no measurement where bf16 is not native")
 
     monkeypatch.setattr(hardware, "detect", lambda: AVX2)
-    monkeypatch.setattr(train, "training_timings", refuse)
+    monkeypatch.setattr(loop, "training_timings", refuse)
     summary = fit(_model(tokenizer), tokenizer, data, _config(precision="auto", max_steps=1), tmp_path / "a",
                   progress=False)
     assert summary["precision"] == "fp32"
@@ -350,7 +351,7 @@ def test_fit_precision_auto_follows_capability_and_measurement(tmp_path, corpus,
 
     monkeypatch.setattr(hardware, "detect", lambda: SAPPHIRE_RAPIDS)
     for seconds, expected in (({"fp32": 2.0, "bf16": 1.0}, "bf16"), ({"fp32": 1.0, "bf16": 1.0}, "fp32")):
-        monkeypatch.setattr(train, "training_timings", lambda *args, seconds=seconds, **kwargs: seconds)
+        monkeypatch.setattr(loop, "training_timings", lambda *args, seconds=seconds, **kwargs: seconds)
         summary = fit(_model(tokenizer), tokenizer, data, _config(precision="auto", max_steps=1),
                       tmp_path / expected, progress=False)
         assert summary["precision"] == expected
@@ -375,12 +376,12 @@ def test_training_timings_leave_the_model_and_random_state_alone(corpus):
 
 
 def test_each_rank_resumes_with_its_own_random_state():
-    from aiayn.train import _state_of_rank
+    from aiayn.train import state_of_rank
 
     states = [torch.tensor([0, 1], dtype=torch.uint8), torch.tensor([2, 3], dtype=torch.uint8)]
-    assert [_state_of_rank(states, rank).tolist() for rank in (0, 1, 2)] == [[0, 1], [2, 3], [0, 1]]
+    assert [state_of_rank(states, rank).tolist() for rank in (0, 1, 2)] == [[0, 1], [2, 3], [0, 1]]
     legacy = torch.tensor([7, 7], dtype=torch.uint8)  # before per-rank CUDA states: one for all
-    assert _state_of_rank(legacy, 1) is legacy
+    assert state_of_rank(legacy, 1) is legacy
 
 
 def test_checkpoints_round_trip_without_a_training_run(tmp_path):
@@ -431,7 +432,8 @@ def test_train_step_is_one_update_and_a_nan_leaves_the_weights(corpus):
 
 def test_training_state_saves_and_restores_without_a_run(tmp_path, corpus):
     from aiayn.data import BatchIterator
-    from aiayn.train import TrainingState, TranslationLoss, load_training_state, save_training_state, train_step
+    from aiayn.loop import TrainingState, load_training_state, save_training_state
+    from aiayn.train import TranslationLoss, train_step
 
     tokenizer, data, _ = corpus
 

@@ -58,7 +58,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from aiayn.train import train_from_args
+    from aiayn.recipe import train_from_args
 
     train_from_args(args)
     return 0
