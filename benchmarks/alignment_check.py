@@ -41,8 +41,8 @@ GOLD = [
 
 
 def main() -> None:
-    from aiayn.alignment import word_alignment
-    from aiayn.translator import Translator
+    from aiayn.decoding.alignment import word_alignment
+    from aiayn.decoding.translator import Translator
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="runs/demo")

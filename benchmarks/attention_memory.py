@@ -66,7 +66,7 @@ def _one_call(layer, x: torch.Tensor, mask: torch.Tensor, need_weights: bool) ->
 
 def worker(length: int, path: str, device: str, threads: int, repeats: int) -> dict:
     """Measure one (length, path) point in this process."""
-    from aiayn.attention import MultiHeadAttention
+    from aiayn.model.attention import MultiHeadAttention
 
     torch.set_num_threads(threads)
     dev = torch.device(device)

@@ -17,8 +17,8 @@ import json
 import time
 from pathlib import Path
 
-from aiayn.data import BatchIterator, encode_parallel, multi30k_paths, read_parallel
-from aiayn.tokenizer import Tokenizer
+from aiayn.files.data import BatchIterator, encode_parallel, multi30k_paths, read_parallel
+from aiayn.files.tokenizer import Tokenizer
 
 
 def round_trip(tokenizer: Tokenizer, sentences: list[str]) -> tuple[float, list[str]]:

@@ -39,8 +39,8 @@ import torch
 from aiayn import hardware
 from aiayn.allocator import retain_freed_memory
 from aiayn.config import ModelConfig
-from aiayn.model import Transformer
-from aiayn.search import beam_search, greedy_search
+from aiayn.model.transformer import Transformer
+from aiayn.decoding.search import beam_search, greedy_search
 from aiayn.inference import beam_step_for, prepare
 
 from benchmarks.peers import ct2_from_marian, marian_from_aiayn, vocabulary

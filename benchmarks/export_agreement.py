@@ -39,11 +39,11 @@ from pathlib import Path
 import torch
 
 from aiayn.config import DecodeConfig
-from aiayn.data import read_lines
+from aiayn.files.data import read_lines
 from aiayn.evaluate import bleu
 from aiayn.export import ctranslate2_length_penalty, export, marian_length_penalty
-from aiayn.search import beam_search, length_penalty
-from aiayn.translator import Translator
+from aiayn.decoding.search import beam_search, length_penalty
+from aiayn.decoding.translator import Translator
 from benchmarks.machine import describe
 
 ROOT = Path(__file__).resolve().parent.parent

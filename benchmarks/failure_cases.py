@@ -267,7 +267,7 @@ def main() -> None:
     parser.add_argument("--only", help="run the cases whose name holds this text")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
-    from aiayn.data import read_lines
+    from aiayn.files.data import read_lines
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -36,8 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from aiayn.config import ModelConfig
-from aiayn.model import Transformer, sinusoidal_table
-from aiayn.train import label_smoothed_nll_loss
+from aiayn.model.transformer import Transformer, sinusoidal_table
+from aiayn.training.train import label_smoothed_nll_loss
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")  # ids 0..3, as in aiayn.config
 

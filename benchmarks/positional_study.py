@@ -34,11 +34,11 @@ import torch
 
 from aiayn import ModelConfig, Transformer
 from aiayn.config import POSITIONAL_ENCODINGS, TrainConfig
-from aiayn.data import TokenizedCorpus, encode_parallel, read_parallel
+from aiayn.files.data import TokenizedCorpus, encode_parallel, read_parallel
 from aiayn.evaluate import score
-from aiayn.tokenizer import Tokenizer
-from aiayn.loop import fit
-from aiayn.translator import Translator
+from aiayn.files.tokenizer import Tokenizer
+from aiayn.training.loop import fit
+from aiayn.decoding.translator import Translator
 
 DEMO_MODEL = dict(d_model=128, n_heads=4, d_ff=512, n_encoder_layers=4, n_decoder_layers=4, dropout=0.1,
                   attention_dropout=0.0)

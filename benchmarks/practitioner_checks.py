@@ -21,9 +21,9 @@ MULTI30K = Path(os.environ.get("AIAYN_DATA") or Path(__file__).resolve().parents
 
 def main() -> None:
     from aiayn.config import DecodeConfig
-    from aiayn.data import read_lines
-    from aiayn.search import beam_search
-    from aiayn.translator import Translator
+    from aiayn.files.data import read_lines
+    from aiayn.decoding.search import beam_search
+    from aiayn.decoding.translator import Translator
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="runs/demo")

@@ -39,10 +39,10 @@ def build_tiny_model(directory: Path) -> list[str]:
     import torch
 
     from aiayn.config import ModelConfig
-    from aiayn.data import read_parallel
-    from aiayn.model import Transformer
-    from aiayn.tokenizer import Tokenizer
-    from aiayn.checkpoint import save_model
+    from aiayn.files.data import read_parallel
+    from aiayn.model.transformer import Transformer
+    from aiayn.files.tokenizer import Tokenizer
+    from aiayn.files.checkpoint import save_model
 
     pairs = read_parallel(MULTI30K / "val.de.gz", MULTI30K / "val.en.gz")
     tokenizer = Tokenizer.train(pairs.src[:300] + pairs.tgt[:300], vocab_size=300)
@@ -57,7 +57,7 @@ def build_tiny_model(directory: Path) -> list[str]:
 def load_sentences() -> list[str]:
     path = MULTI30K / "val.de.gz"
     if path.is_file():
-        from aiayn.data import read_lines
+        from aiayn.files.data import read_lines
 
         return [line for line in read_lines(path)[:500] if line.strip()]
     return FALLBACK_SENTENCES

@@ -10,7 +10,7 @@ each in fp32 and / or bf16 (`torch.autocast`, weights and Adam state stay fp32).
 Steps are run round-robin (step i of every system, then step i + 1), so a change in machine load
 hits all systems alike. tokens/s = non-padding target tokens / wall time of the timed steps.
 
-FLOPs of a step: `aiayn.compute.step_flops` (its docstring states the formula, so MFU can be checked).
+FLOPs of a step: `aiayn.training.compute.step_flops` (its docstring states the formula, so MFU can be checked).
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from typing import Callable
 import torch
 
 from aiayn.allocator import retain_freed_memory
-from aiayn.compute import batches_flops
+from aiayn.training.compute import batches_flops
 from aiayn.config import ModelConfig
-from aiayn.data import Batch
-from aiayn.model import Transformer
-from aiayn.train import TranslationLoss
+from aiayn.files.data import Batch
+from aiayn.model.transformer import Transformer
+from aiayn.training.train import TranslationLoss
 
 from benchmarks.peers import TorchTransformer, full_logits_loss, marian_logits
 
@@ -152,7 +152,7 @@ def run(
 ) -> dict:
     """Every shape in `shapes` ({preset: {"max_tokens", "steps", "warmup", "vocab_size"}}).
 
-    All systems run in this one process with the allocator setting `aiayn.loop.fit` uses on the
+    All systems run in this one process with the allocator setting `aiayn.training.loop.fit` uses on the
     CPU (`retain_freed_memory`: glibc keeps freed memory, no page faults between steps).
     """
     from benchmarks.workload import training_batches

@@ -1,7 +1,7 @@
 """The training techniques compared at the demo's scale: BLEU against training compute (TFLOP).
 
 Every variant is the demo recipe (configs/multi30k-de-en-demo.yaml, Multi30k De->En) with one
-thing changed, trained for the same compute budget (--tflop, `aiayn.compute`), so that a choice
+thing changed, trained for the same compute budget (--tflop, `aiayn.training.compute`), so that a choice
 that makes updates cheaper or dearer is charged for it. Each run is scored with beam 4 on `val`
 (where choices are made) and on test_2016_flickr (the report), cased sacreBLEU; its log.jsonl has
 greedy validation BLEU on 300 sentences every few updates, against TFLOP, for the curves.
@@ -30,12 +30,12 @@ import torch
 
 from aiayn import ModelConfig, Transformer
 from aiayn.config import TrainConfig
-from aiayn.data import encode_parallel, read_parallel
+from aiayn.files.data import encode_parallel, read_parallel
 from aiayn.evaluate import score
-from aiayn.tokenizer import Tokenizer
-from aiayn.loop import fit
-from aiayn.recipe import load_recipe
-from aiayn.translator import Translator
+from aiayn.files.tokenizer import Tokenizer
+from aiayn.training.loop import fit
+from aiayn.training.recipe import load_recipe
+from aiayn.decoding.translator import Translator
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "multi30k-de-en-demo.yaml"
@@ -161,8 +161,8 @@ def run_one(variant: str, seed: int, tflop: float, data_dir: Path, out: Path, th
 
 
 def _flops_per_update(model, corpus, config) -> float:
-    from aiayn.compute import batches_flops
-    from aiayn.data import BatchIterator
+    from aiayn.training.compute import batches_flops
+    from aiayn.files.data import BatchIterator
 
     batches = list(BatchIterator(corpus, config.batch_tokens, shuffle=False))
     return batches_flops(model.config, batches) * config.accumulate / len(batches)

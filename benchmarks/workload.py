@@ -2,7 +2,7 @@
 
 Training batches use the real subword lengths of Multi30k train de-en (an 8k joint SentencePiece
 BPE, trained once and cached under benchmarks/results/.cache) cut into token-budget batches by
-`aiayn.data.make_batches`, the batcher `aiayn train` uses; the token *ids* are random, since
+`aiayn.files.data.make_batches`, the batcher `aiayn train` uses; the token *ids* are random, since
 throughput depends on shapes alone. Without the data, lengths are drawn from N(14, 5) clipped to
 [1, 100] (the Multi30k mean is about 14 pieces) and the results say so.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from aiayn.config import PAD_ID
-from aiayn.data import Batch, TokenizedCorpus, collate, make_batches, read_lines
-from aiayn.tokenizer import Tokenizer
+from aiayn.files.data import Batch, TokenizedCorpus, collate, make_batches, read_lines
+from aiayn.files.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "benchmarks" / "results" / ".cache"

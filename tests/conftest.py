@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from aiayn.checkpoint import save_model
+from aiayn.files.checkpoint import save_model
 from aiayn.config import ModelConfig
-from aiayn.data import read_parallel
-from aiayn.model import Transformer
-from aiayn.tokenizer import Tokenizer
+from aiayn.files.data import read_parallel
+from aiayn.model.transformer import Transformer
+from aiayn.files.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 MULTI30K = Path(os.environ.get("AIAYN_DATA") or ROOT.parent / "shared" / "data" / "multi30k").resolve()

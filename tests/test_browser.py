@@ -38,7 +38,7 @@ SENTENCE = "Zwei Hunde spielen im Schnee."
 def base_url(tiny_model_dir: Path):
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"Chromium not found at {CHROMIUM} (Debian: apt-get install chromium)")
-    from aiayn.translator import Translator
+    from aiayn.decoding.translator import Translator
 
     with background_server(create_app(Translator.load(tiny_model_dir))) as url:
         yield url

@@ -1,4 +1,4 @@
-"""Training compute, budgeted schedules and the optimizers (aiayn.compute, aiayn.optim)."""
+"""Training compute, budgeted schedules and the optimizers (aiayn.training.compute, aiayn.training.optim)."""
 
 import json
 import math
@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from aiayn import ModelConfig, Transformer
-from aiayn.compute import batches_flops, stack_parameters, step_flops
+from aiayn.training.compute import batches_flops, stack_parameters, step_flops
 from aiayn.config import OPTIMIZERS, TrainConfig
-from aiayn.data import BatchIterator
-from aiayn.optim import BudgetEstimate, OptimizerGroup, budgeted_rate, build_optimizer, learning_rate_for
-from aiayn.loop import fit
+from aiayn.files.data import BatchIterator
+from aiayn.training.optim import BudgetEstimate, OptimizerGroup, budgeted_rate, build_optimizer, learning_rate_for
+from aiayn.training.loop import fit
 from test_train import _config, _model, corpus  # noqa: F401  (corpus is a fixture)
 
 TINY = ModelConfig.preset("tiny")

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from aiayn import data
+from aiayn.files import data
 from aiayn.config import BOS_ID, EOS_ID, PAD_ID
-from aiayn.data import (
+from aiayn.files.data import (
     MULTI30K_SHA256,
     Batch,
     BatchIterator,
@@ -33,7 +33,7 @@ from aiayn.data import (
     read_lines,
     read_parallel,
 )
-from aiayn.tokenizer import Tokenizer
+from aiayn.files.tokenizer import Tokenizer
 from conftest import MULTI30K
 
 

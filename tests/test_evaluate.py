@@ -9,9 +9,9 @@ import torch
 from aiayn import ModelConfig, Transformer
 from aiayn.cli import main
 from aiayn.evaluate import bleu, format_scores, score
-from aiayn.tokenizer import Tokenizer
-from aiayn.checkpoint import save_model
-from aiayn.translator import Translator
+from aiayn.files.tokenizer import Tokenizer
+from aiayn.files.checkpoint import save_model
+from aiayn.decoding.translator import Translator
 from aiayn.config import DecodeConfig
 
 HYP = "the cat sat on the mat"

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from aiayn import ModelConfig, Transformer
-from aiayn.checkpoint import save_model
+from aiayn.files.checkpoint import save_model
 from aiayn.cli import main
 from aiayn.explain import KINDS, explain, format_walk, walk_json, write_html
-from aiayn.tokenizer import Tokenizer
-from aiayn.translator import Translator
+from aiayn.files.tokenizer import Tokenizer
+from aiayn.decoding.translator import Translator
 
 SOURCE = "zwei hunde spielen im schnee ."
 NEIGHBOUR = "ein mann mit einem roten hut fährt mit dem fahrrad über eine lange brücke ."

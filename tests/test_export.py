@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aiayn.checkpoint import load_model, save_model
+from aiayn.files.checkpoint import load_model, save_model
 from aiayn.config import ModelConfig
 from aiayn.export import (
     ctranslate2_length_penalty,
@@ -19,9 +19,9 @@ from aiayn.export import (
     marian_length_penalty,
     residual_permutation,
 )
-from aiayn.model import Transformer, sinusoidal_table
-from aiayn.search import beam_search, max_output_lengths
-from aiayn.tokenizer import Tokenizer
+from aiayn.model.transformer import Transformer, sinusoidal_table
+from aiayn.decoding.search import beam_search, max_output_lengths
+from aiayn.files.tokenizer import Tokenizer
 from conftest import tiny_pairs
 
 SENTENCES = 40

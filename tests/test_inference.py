@@ -4,11 +4,11 @@ hands to the paper code (attention, beam step) give what the paper code gives.""
 import pytest
 import torch
 
-from aiayn.attention import MultiHeadAttention, padding_mask, reference_attention, scaled_dot_product_attention
+from aiayn.model.attention import MultiHeadAttention, padding_mask, reference_attention, scaled_dot_product_attention
 from aiayn.inference import beam_step_for, fused_beam_step, prepare
 from aiayn.inference.attention import cpu_attention, summed_attention
 from aiayn.inference.beam_step import block_beam_step
-from aiayn.search import beam_search, log_prob_step
+from aiayn.decoding.search import beam_search, log_prob_step
 from conftest import tiny_model
 
 PAD = 0
@@ -83,15 +83,52 @@ def test_prepared_model_with_the_fast_step_translates_as_the_plain_model():
     assert on_gpu.func is log_prob_step and on_gpu.keywords == {"select": block_beam_step}
 
 
-def test_paper_modules_import_nothing_from_the_inference_package():
+def _imports_of_every_module() -> dict[str, set[str]]:
+    """aiayn's modules (dotted names) and the aiayn modules each imports, anywhere in its file."""
     import ast
     from pathlib import Path
 
     import aiayn
 
-    package = Path(aiayn.__file__).parent
-    for name in ("model.py", "attention.py", "search.py", "config.py", "train.py"):
-        tree = ast.parse((package / name).read_text())
-        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-        assert not any(module.startswith("aiayn.inference") for module in imported), name
+    root = Path(aiayn.__file__).parent
+    modules = {".".join(("aiayn", *path.relative_to(root).with_suffix("").parts)).removesuffix(".__init__"): path
+               for path in root.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("aiayn"):
+                imported.add(node.module)
+                imported |= {f"{node.module}.{alias.name}" for alias in node.names} & modules.keys()
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names if alias.name.startswith("aiayn")}
+        graph[name] = (imported & modules.keys()) - {name}
+    return graph
+
+
+def test_paper_modules_import_nothing_from_the_inference_package():
+    graph = _imports_of_every_module()
+    paper = [name for name in graph if name.startswith(("aiayn.model", "aiayn.training"))]
+    for name in [*paper, "aiayn.decoding.search", "aiayn.config"]:
+        assert not any(module.startswith("aiayn.inference") for module in graph[name]), name
+    # The model is the bottom layer: it imports only the configuration.
+    for name in (n for n in graph if n.startswith("aiayn.model")):
+        assert all(module.startswith(("aiayn.model", "aiayn.config")) for module in graph[name]), name
+
+
+def test_no_two_modules_import_each_other_even_through_others():
+    graph = _imports_of_every_module()
+    packages = {name for name in graph if any(other.startswith(name + ".") for other in graph)}
+
+    def reachable(start: str) -> set[str]:
+        seen, todo = set(), [m for m in graph[start] if m not in packages]
+        while todo:
+            module = todo.pop()
+            if module not in seen:
+                seen.add(module)
+                todo.extend(m for m in graph[module] if m not in packages)
+        return seen
+
+    cycles = sorted(name for name in graph if name not in packages and name in reachable(name))
+    assert cycles == []

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from aiayn import ModelConfig, Transformer
-from aiayn.attention import (
+from aiayn.model.attention import (
     KVCache,
     MultiHeadAttention,
     causal_mask,
@@ -15,7 +15,7 @@ from aiayn.attention import (
     padding_mask,
     reference_attention,
 )
-from aiayn.model import sinusoidal_table
+from aiayn.model.transformer import sinusoidal_table
 
 PAD, BOS, EOS = 0, 2, 3
 

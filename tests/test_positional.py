@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from aiayn import ModelConfig, Transformer
-from aiayn.attention import (
+from aiayn.model.attention import (
     KVCache,
     MultiHeadAttention,
     add_bias,
@@ -30,8 +30,8 @@ from aiayn.attention import (
 from aiayn.config import POSITIONAL_ENCODINGS
 from aiayn.inference import prepare
 from aiayn.inference.attention import cpu_attention, summed_attention
-from aiayn.model import RELATIVE_DISTANCE
-from aiayn.search import beam_search
+from aiayn.model.transformer import RELATIVE_DISTANCE
+from aiayn.decoding.search import beam_search
 
 PAD = 0
 KINDS = list(POSITIONAL_ENCODINGS)
@@ -314,8 +314,8 @@ def test_max_positions_still_bounds_the_lengths(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_save_and_load_give_the_same_translations(kind, tmp_path):
-    from aiayn.checkpoint import load_model, save_model
-    from aiayn.tokenizer import Tokenizer
+    from aiayn.files.checkpoint import load_model, save_model
+    from aiayn.files.tokenizer import Tokenizer
 
     lines = [f"das ist satz nummer {n} und noch {n * 7} worte" for n in range(200)]
     tokenizer = Tokenizer.train(lines, 60)
@@ -342,8 +342,8 @@ def test_bf16_inference_keeps_rope_angles_and_alibi_close_to_fp32():
 @pytest.mark.parametrize("kind", KINDS)
 def test_positions_plot_of_each_kind(kind, tmp_path):
     pytest.importorskip("matplotlib")
-    from aiayn.checkpoint import save_model
-    from aiayn.tokenizer import Tokenizer
+    from aiayn.files.checkpoint import save_model
+    from aiayn.files.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.train([f"ein satz {n} mit {n * 3} worten" for n in range(200)], 40)
     save_model(tiny_model(kind, vocab_size=tokenizer.vocab_size), tokenizer, tmp_path / "model")

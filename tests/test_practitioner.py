@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from aiayn import ModelConfig, Transformer
-from aiayn.alignment import pharaoh, piece_words, word_alignment
-from aiayn.checkpoint import save_model
+from aiayn.decoding.alignment import pharaoh, piece_words, word_alignment
+from aiayn.files.checkpoint import save_model
 from aiayn.cli import main
 from aiayn.config import DecodeConfig
-from aiayn.search import beam_search, filter_distribution, sample_search, score_tokens
-from aiayn.tokenizer import Tokenizer
-from aiayn.translator import Translator
+from aiayn.decoding.search import beam_search, filter_distribution, sample_search, score_tokens
+from aiayn.files.tokenizer import Tokenizer
+from aiayn.decoding.translator import Translator
 
 SOURCES = ["ein hund läuft .", "zwei männer spielen fußball auf dem rasen .", "eine frau .", "",
            "ein mann fährt fahrrad ."]

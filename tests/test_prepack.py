@@ -6,10 +6,10 @@ import torch.nn.functional as F
 
 from aiayn import ModelConfig, Transformer, hardware
 from aiayn.inference import prepack
-from aiayn.attention import InProjection
+from aiayn.model.attention import InProjection
 from aiayn.inference.layers import InferenceInProjection
 from aiayn.inference.prepack import PackedLinear, pack_linear_layers
-from aiayn.search import beam_search
+from aiayn.decoding.search import beam_search
 
 pytestmark = pytest.mark.skipif(not prepack.available(), reason="this PyTorch build has no oneDNN")
 

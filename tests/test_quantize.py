@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from aiayn import ModelConfig, Transformer
-from aiayn.attention import InProjection
+from aiayn.model.attention import InProjection
 from aiayn.inference.layers import InferenceInProjection
 from aiayn.inference.quantize import Int8Linear, quantize_int8
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from aiayn import ModelConfig, Transformer
-from aiayn.checkpoint import (
+from aiayn.files.checkpoint import (
     average_run,
     checkpoint_paths,
     latest_checkpoint,
@@ -27,9 +27,9 @@ from aiayn.checkpoint import (
 )
 from aiayn.cli import main
 from aiayn.config import MAX_BEAM_SIZE, DecodeConfig, TrainConfig
-from aiayn.data import DataError, read_lines
-from aiayn.tokenizer import Tokenizer
-from aiayn.translator import Translator
+from aiayn.files.data import DataError, read_lines
+from aiayn.files.tokenizer import Tokenizer
+from aiayn.decoding.translator import Translator
 from conftest import tiny_pairs
 
 SENTENCES = ["Ein Hund läuft .", "Zwei Männer spielen Fußball .", "Eine Frau liest ."] * 20
@@ -157,7 +157,7 @@ def test_a_huge_config_is_refused_before_any_allocation(run_dir, tmp_path, monke
         built.append(torch.empty(0).device.type)
         return Transformer(config)
 
-    monkeypatch.setattr("aiayn.checkpoint.Transformer", recording)
+    monkeypatch.setattr("aiayn.files.checkpoint.Transformer", recording)
     with pytest.raises(ValueError, match=r"has shape \[200, 32\] but config.json implies \[200, 8192\]"):
         load_model(directory)
     assert built == ["meta"]
@@ -193,7 +193,7 @@ def test_untrained_model_text_with_a_lone_surrogate_is_a_value_error(run_dir):
 
 
 def test_an_overlong_line_and_a_gzip_bomb_stop_with_the_line_number(tmp_path, monkeypatch):
-    monkeypatch.setattr("aiayn.data.MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr("aiayn.files.data.MAX_LINE_BYTES", 1000)
     bomb = tmp_path / "bomb.gz"
     with gzip.open(bomb, "wb") as handle:
         handle.write(b"ok\n" + b"a" * 10**7)  # 10 MB of one line from a few kB
@@ -440,7 +440,7 @@ def test_files_are_fsynced_and_follow_the_umask(tmp_path, monkeypatch):
 def test_a_distributed_run_sets_a_collective_timeout(monkeypatch):
     import torch.distributed as dist
 
-    from aiayn.train import distributed_context
+    from aiayn.training.train import distributed_context
 
     seen = {}
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -7,11 +7,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import aiayn.search
+import aiayn.decoding.search
 from aiayn import Transformer
 from aiayn.inference import fused_beam_step
 from aiayn.inference.beam_step import block_beam_step
-from aiayn.search import Hypothesis, beam_search, beam_step, greedy_search, length_penalty
+from aiayn.decoding.search import Hypothesis, beam_search, beam_step, greedy_search, length_penalty
 from conftest import tiny_model
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
@@ -38,10 +38,10 @@ def beam_path(request, monkeypatch):
     if request.param == "fused":
         if not fused_beam_step.available():
             pytest.skip("the fused beam step could not be built here (no C++ compiler torch.compile can use)")
-        monkeypatch.setattr(aiayn.search, "log_prob_step", fused_beam_step.fused_beam_step)
+        monkeypatch.setattr(aiayn.decoding.search, "log_prob_step", fused_beam_step.fused_beam_step)
     elif request.param == "blocks":
-        blocks = functools.partial(aiayn.search.log_prob_step, select=block_beam_step)
-        monkeypatch.setattr(aiayn.search, "log_prob_step", blocks)
+        blocks = functools.partial(aiayn.decoding.search.log_prob_step, select=block_beam_step)
+        monkeypatch.setattr(aiayn.decoding.search, "log_prob_step", blocks)
     return request.param
 
 

@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("fastapi", reason="serving needs the optional extra aiayn[serve]")
 httpx = pytest.importorskip("httpx", reason="the server tests need httpx")
 
-from aiayn.model import Transformer
+from aiayn.model.transformer import Transformer
 from aiayn.config import DecodeConfig
 from aiayn.serve.app import create_app
 from aiayn.serve.http import background_server
@@ -38,7 +38,7 @@ def model_dir(tiny_model_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def translator(model_dir: Path):
-    from aiayn.translator import Translator
+    from aiayn.decoding.translator import Translator
 
     return Translator.load(model_dir)
 
@@ -46,7 +46,7 @@ def translator(model_dir: Path):
 @pytest.fixture(scope="module")
 def reference(model_dir: Path):
     """A second, independent copy for expected outputs (the served one belongs to the worker)."""
-    from aiayn.translator import Translator
+    from aiayn.decoding.translator import Translator
 
     return Translator.load(model_dir)
 

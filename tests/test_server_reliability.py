@@ -34,14 +34,14 @@ def model_dir(tiny_model_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def translator(model_dir: Path):
-    from aiayn.translator import Translator
+    from aiayn.decoding.translator import Translator
 
     return Translator.load(model_dir)
 
 
 @pytest.fixture(scope="module")
 def reference(model_dir: Path):
-    from aiayn.translator import Translator
+    from aiayn.decoding.translator import Translator
 
     return Translator.load(model_dir)
 
@@ -194,7 +194,7 @@ def test_worker_survives_an_unexpected_error_and_serves_the_next_request(transla
 def test_a_model_with_nan_weights_gives_a_one_line_500_and_the_server_goes_on(model_dir) -> None:
     import torch
 
-    from aiayn.translator import Translator
+    from aiayn.decoding.translator import Translator
 
     poisoned = Translator.load(model_dir)
     with torch.no_grad():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from aiayn.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from aiayn.tokenizer import Tokenizer
+from aiayn.files.tokenizer import Tokenizer
 
 MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
 VOCAB_SIZE = 1000

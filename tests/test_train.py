@@ -14,12 +14,12 @@ from safetensors.torch import load_file, save_file
 
 from aiayn import ModelConfig, Transformer
 from aiayn.config import TrainConfig
-from aiayn.data import encode_parallel, read_parallel
-from aiayn.tokenizer import Tokenizer
-from aiayn.checkpoint import average_checkpoints, checkpoint_paths, latest_checkpoint, load_model, save_checkpoint
-from aiayn.optim import inverse_sqrt_rate as learning_rate
-from aiayn.loop import fit
-from aiayn.train import TrainingDiverged, label_smoothed_nll_loss
+from aiayn.files.data import encode_parallel, read_parallel
+from aiayn.files.tokenizer import Tokenizer
+from aiayn.files.checkpoint import average_checkpoints, checkpoint_paths, latest_checkpoint, load_model, save_checkpoint
+from aiayn.training.optim import inverse_sqrt_rate as learning_rate
+from aiayn.training.loop import fit
+from aiayn.training.train import TrainingDiverged, label_smoothed_nll_loss
 from conftest import MULTI30K
 
 DATA = MULTI30K
@@ -155,7 +155,7 @@ def test_checkpoints_kept_and_model_directory_loads(tmp_path, corpus):
 def test_nan_loss_stops_with_clear_message(tmp_path, corpus, monkeypatch):
     tokenizer, train, _ = corpus
     fit(_model(tokenizer), tokenizer, train, _config(max_steps=3), tmp_path, progress=False)
-    import aiayn.train as train_module
+    import aiayn.training.train as train_module
 
     original = train_module.label_smoothed_nll_loss
 
@@ -193,9 +193,9 @@ DDP_WORKER = r"""
 import os, sys, torch
 sys.path.insert(0, sys.argv[1])
 from test_train import _config, _model
-from aiayn.data import encode_parallel, read_parallel
-from aiayn.tokenizer import Tokenizer
-from aiayn.loop import fit
+from aiayn.files.data import encode_parallel, read_parallel
+from aiayn.files.tokenizer import Tokenizer
+from aiayn.training.loop import fit
 tokenizer = Tokenizer.load(sys.argv[2])
 text = read_parallel(sys.argv[3] + "/val.de.gz", sys.argv[3] + "/val.en.gz")
 text.src, text.tgt, text.line_numbers = text.src[:300], text.tgt[:300], text.line_numbers[:300]
@@ -289,7 +289,7 @@ def test_cli_bad_input_is_one_line_error(tmp_path, capsys):
 
 
 def test_published_recipes_are_valid():
-    from aiayn.recipe import load_recipe
+    from aiayn.training.recipe import load_recipe
 
     recipes = sorted((ROOT / "configs").glob("*.yaml"))
     assert len(recipes) >= 6
@@ -309,7 +309,7 @@ def test_sigterm_stops_after_the_update_with_a_checkpoint(tmp_path, corpus, monk
     import os
     import signal
 
-    import aiayn.loop as loop_module
+    import aiayn.training.loop as loop_module
 
     tokenizer, train, _ = corpus
     original = loop_module.learning_rate_for
@@ -333,7 +333,8 @@ def test_sigterm_stops_after_the_update_with_a_checkpoint(tmp_path, corpus, monk
 def test_fit_precision_auto_follows_capability_and_measurement(tmp_path, corpus, monkeypatch, capsys):
     from test_hardware import AVX2, SAPPHIRE_RAPIDS
 
-    from aiayn import hardware, loop
+    from aiayn import hardware
+    from aiayn.training import loop
 
     tokenizer, data, _ = corpus
 
@@ -358,8 +359,8 @@ def test_fit_precision_auto_follows_capability_and_measurement(tmp_path, corpus,
 
 
 def test_training_timings_leave_the_model_and_random_state_alone(corpus):
-    from aiayn.data import BatchIterator
-    from aiayn.train import training_timings
+    from aiayn.files.data import BatchIterator
+    from aiayn.training.train import training_timings
 
     tokenizer, data, _ = corpus
     model = _model(tokenizer)
@@ -376,7 +377,7 @@ def test_training_timings_leave_the_model_and_random_state_alone(corpus):
 
 
 def test_each_rank_resumes_with_its_own_random_state():
-    from aiayn.train import state_of_rank
+    from aiayn.training.train import state_of_rank
 
     states = [torch.tensor([0, 1], dtype=torch.uint8), torch.tensor([2, 3], dtype=torch.uint8)]
     assert [state_of_rank(states, rank).tolist() for rank in (0, 1, 2)] == [[0, 1], [2, 3], [0, 1]]
@@ -405,8 +406,8 @@ def test_checkpoints_round_trip_without_a_training_run(tmp_path):
 
 
 def test_train_step_is_one_update_and_a_nan_leaves_the_weights(corpus):
-    from aiayn.data import BatchIterator
-    from aiayn.train import TranslationLoss, train_step
+    from aiayn.files.data import BatchIterator
+    from aiayn.training.train import TranslationLoss, train_step
 
     tokenizer, data, _ = corpus
     model = _model(tokenizer).train()
@@ -431,9 +432,9 @@ def test_train_step_is_one_update_and_a_nan_leaves_the_weights(corpus):
 
 
 def test_training_state_saves_and_restores_without_a_run(tmp_path, corpus):
-    from aiayn.data import BatchIterator
-    from aiayn.loop import TrainingState, load_training_state, save_training_state
-    from aiayn.train import TranslationLoss, train_step
+    from aiayn.files.data import BatchIterator
+    from aiayn.training.loop import TrainingState, load_training_state, save_training_state
+    from aiayn.training.train import TranslationLoss, train_step
 
     tokenizer, data, _ = corpus
 

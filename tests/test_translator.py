@@ -9,12 +9,12 @@ import torch
 from aiayn import ModelConfig, Transformer, hardware
 from aiayn.inference import compile as compile_module
 from aiayn.inference import prepack
-from aiayn import translator as translator_module
+from aiayn.decoding import translator as translator_module
 from aiayn.cli import main
 from aiayn.config import DecodeConfig
-from aiayn.search import beam_search
-from aiayn.checkpoint import save_model
-from aiayn.translator import AttentionResult, Translator
+from aiayn.decoding.search import beam_search
+from aiayn.files.checkpoint import save_model
+from aiayn.decoding.translator import AttentionResult, Translator
 
 MAX_POSITIONS = 40
 
@@ -142,7 +142,7 @@ def test_auto_precision_takes_bf16_where_native_and_measured_faster(model_dir, m
 
 
 def test_decoding_timings_measure_copies_and_leave_the_model_alone(model_dir):
-    from aiayn.checkpoint import load_model
+    from aiayn.files.checkpoint import load_model
 
     model, _, _ = load_model(model_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -336,7 +336,7 @@ def test_compile_without_a_compiler_warns_and_runs_eagerly(model_dir, translator
 
 
 def test_translator_leaves_the_callers_model_alone_and_trainable(model_dir, translator):
-    from aiayn.checkpoint import load_model
+    from aiayn.files.checkpoint import load_model
 
     model, tokenizer, _ = load_model(model_dir)
     model.train()

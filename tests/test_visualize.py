@@ -16,9 +16,9 @@ import matplotlib.image
 from aiayn import ModelConfig, Transformer
 from aiayn.cli import main
 from aiayn.config import DecodeConfig
-from aiayn.model import sinusoidal_table
-from aiayn.tokenizer import Tokenizer
-from aiayn.checkpoint import load_model, save_model
+from aiayn.model.transformer import sinusoidal_table
+from aiayn.files.tokenizer import Tokenizer
+from aiayn.files.checkpoint import load_model, save_model
 from aiayn.visualize import (
     attention_figsize,
     font_families,
@@ -44,7 +44,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Tokenize
 
 @pytest.fixture(scope="module")
 def result(model_dir: Path):
-    from aiayn.translator import Translator
+    from aiayn.decoding.translator import Translator
 
     return Translator.load(model_dir).attention(SOURCE, TARGET)
 
@@ -111,7 +111,7 @@ def test_attention_result_equals_model_weights_inside_a_padded_batch(model_dir: 
 
 
 def test_attention_without_target_uses_the_beam_translation(model_dir: Path) -> None:
-    from aiayn.translator import Translator
+    from aiayn.decoding.translator import Translator
 
     translator = Translator.load(model_dir)
     source = "Zwei Hunde spielen."

@@ -10,9 +10,9 @@ __version__ = "0.1.0"
 
 # Heavier names are imported on first use so that `aiayn --help` and `import aiayn` stay fast.
 _LAZY = {
-    "Transformer": "aiayn.model",
-    "Translator": "aiayn.translator",
-    "Tokenizer": "aiayn.tokenizer",
+    "Transformer": "aiayn.model.transformer",
+    "Translator": "aiayn.decoding.translator",
+    "Tokenizer": "aiayn.files.tokenizer",
 }
 
 

@@ -1,6 +1,6 @@
 """Allocator settings for CPU work: keep freed memory in the process (glibc malloc).
 
-Called by `aiayn.inference.prepare` and `aiayn.loop.fit` on the CPU (process-wide, once).
+Called by `aiayn.inference.prepare` and `aiayn.training.loop.fit` on the CPU (process-wide, once).
 """
 
 from __future__ import annotations

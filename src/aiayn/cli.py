@@ -40,7 +40,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-epochs", type=float)
     p.add_argument("--max-minutes", type=float)
     p.add_argument("--max-tflop", type=float,
-                   help="stop after this much training compute (1e12 FLOPs of forward + backward, aiayn.compute)")
+                   help="stop after this much training compute (1e12 FLOPs of forward + backward)")
     p.add_argument("--batch-tokens", type=int)
     p.add_argument("--accumulate", type=int)
     p.add_argument("--lr-scale", type=float)
@@ -58,7 +58,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from aiayn.recipe import train_from_args
+    from aiayn.training.recipe import train_from_args
 
     train_from_args(args)
     return 0
@@ -76,7 +76,7 @@ def _add_average(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_average(args: argparse.Namespace) -> int:
-    from aiayn.checkpoint import average_run
+    from aiayn.files.checkpoint import average_run
 
     paths = average_run(args.run, args.last, args.out)
     print(f"averaged {len(paths)} checkpoints into {args.out}: " + ", ".join(p.name for p in paths))
@@ -134,7 +134,7 @@ def _run_attention(args: argparse.Namespace) -> int:
 
     if _matplotlib_missing("attention"):
         return 2
-    from aiayn.translator import Translator
+    from aiayn.decoding.translator import Translator
 
     result = Translator.load(args.model, device=args.device).attention(args.source, args.target)
     out = Path(args.out)
@@ -169,7 +169,7 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
 def _run_explain(args: argparse.Namespace) -> int:
     import json
 
-    from aiayn.checkpoint import load_model
+    from aiayn.files.checkpoint import load_model
     from aiayn.explain import explain, format_walk, walk_json, write_html
 
     for path, option in ((args.json, "--json"), (args.html, "--html")):
@@ -216,9 +216,9 @@ def _run_positions(args: argparse.Namespace) -> int:
     if args.model:
         import torch
 
-        from aiayn.attention import alibi_bias, alibi_slopes
-        from aiayn.checkpoint import load_model
-        from aiayn.model import sinusoidal_table
+        from aiayn.model.attention import alibi_bias, alibi_slopes
+        from aiayn.files.checkpoint import load_model
+        from aiayn.model.transformer import sinusoidal_table
 
         model, _, _ = load_model(args.model)
         config = model.config
@@ -248,7 +248,7 @@ def _run_positions(args: argparse.Namespace) -> int:
             table = table[: args.length]
             title = f"{kind} positional encoding of {args.model}"
     else:
-        from aiayn.model import sinusoidal_table
+        from aiayn.model.transformer import sinusoidal_table
 
         d_model = 512 if args.d_model is None else args.d_model
         table = sinusoidal_table(args.length, d_model)
@@ -349,7 +349,7 @@ def _decode_config(args: argparse.Namespace, nbest: int = DecodeConfig.nbest) ->
 
 def _load_translator(args: argparse.Namespace):
     """Translator.load with the decode options; says once on stderr what --precision became."""
-    from aiayn.translator import Translator
+    from aiayn.decoding.translator import Translator
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -365,7 +365,7 @@ def _load_translator(args: argparse.Namespace):
 def _read_input_lines(path: str | None) -> list[str]:
     """Lines of a file (plain or gzipped; empty lines kept) or of stdin, read as UTF-8 (a BOM
     dropped, a bad byte reported with its line)."""
-    from aiayn.data import read_lines, read_stream
+    from aiayn.files.data import read_lines, read_stream
 
     if path is not None and path != "-":
         return read_lines(path)
@@ -455,7 +455,7 @@ def _run_translate(args: argparse.Namespace) -> int:
     decode = _decode_config(args, nbest=args.nbest)
     prefixes = None
     if args.prefix:
-        from aiayn.data import read_lines
+        from aiayn.files.data import read_lines
 
         prefixes = read_lines(args.prefix)
     translator = _load_translator(args)
@@ -505,7 +505,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_score(args: argparse.Namespace) -> int:
-    from aiayn.data import read_lines
+    from aiayn.files.data import read_lines
 
     _check_output(args.output, "--output")
     sources, targets = read_lines(args.src), read_lines(args.tgt)
@@ -542,7 +542,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from aiayn.data import read_lines
+    from aiayn.files.data import read_lines
     from aiayn.evaluate import format_scores, score
 
     if (args.hyp is None) == (args.model is None):

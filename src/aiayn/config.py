@@ -1,7 +1,7 @@
 """Configuration: frozen dataclasses and the model presets.
 
 The presets follow the paper's table 3 (`base`, `big`), plus `small` for Multi30k-sized data and
-`tiny` for tests. Special token ids are fixed project-wide (see `aiayn.tokenizer`):
+`tiny` for tests. Special token ids are fixed project-wide (see `aiayn.files.tokenizer`):
 pad = 0, unk = 1, bos = 2, eos = 3.
 """
 
@@ -24,8 +24,8 @@ TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 EXPORT_TARGETS = ("marian", "ctranslate2")  # aiayn.export
 CTRANSLATE2_QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16",
                              "bfloat16", "float32")
-SCHEDULES = ("inverse_sqrt", "constant", "linear", "cosine", "wsd")  # aiayn.optim
-OPTIMIZERS = ("adam", "adamw", "sgd", "muon")  # aiayn.optim
+SCHEDULES = ("inverse_sqrt", "constant", "linear", "cosine", "wsd")  # aiayn.training.optim
+OPTIMIZERS = ("adam", "adamw", "sgd", "muon")  # aiayn.training.optim
 
 
 def _check(condition: bool, message: str) -> None:
@@ -88,7 +88,7 @@ class ModelConfig(_DictConfig):
     dropout: float = 0.1  # residual dropout P_drop (paper section 5.4)
     attention_dropout: float = 0.0  # on attention weights; not in the paper (tensor2tensor has it)
     max_positions: int = 1024
-    positional_encoding: str = "sinusoidal"  # paper section 3.5; the others are departures (aiayn.model)
+    positional_encoding: str = "sinusoidal"  # paper section 3.5; the others are departures (aiayn.model.transformer)
     norm_first: bool = False  # False = post-norm LayerNorm(x + Sublayer(x)) as in the paper
     share_embeddings: bool = True  # source, target and pre-softmax weights tied (section 3.4)
     pad_id: int = PAD_ID
@@ -221,7 +221,7 @@ class DecodeConfig(_DictConfig):
 
     @property
     def sampling(self) -> bool:
-        """Whether translations are sampled (`aiayn.search.Sampling`) rather than searched."""
+        """Whether translations are sampled (`aiayn.decoding.search.Sampling`) rather than searched."""
         return is_sampling(self.sampling_topk, self.sampling_topp)
 
 
@@ -234,8 +234,8 @@ class TrainConfig(_DictConfig):
 
     batch_tokens: int = 25000  # per batch: rows x max(padded source, padded target) length
     accumulate: int = 1  # batches per update: reach 25k-token batches on one device
-    optimizer: str = "adam"  # one of OPTIMIZERS (aiayn.optim); the paper's is Adam
-    schedule: str = "inverse_sqrt"  # one of SCHEDULES (aiayn.optim); the paper's is inverse_sqrt
+    optimizer: str = "adam"  # one of OPTIMIZERS (aiayn.training.optim); the paper's is Adam
+    schedule: str = "inverse_sqrt"  # one of SCHEDULES (aiayn.training.optim); the paper's is inverse_sqrt
     lr_scale: float = 1.0  # inverse_sqrt: lrate = lr_scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
     warmup_steps: int = 4000  # inverse_sqrt's warmup in updates
     # The budgeted schedules: peak rate (None = inverse_sqrt's peak for lr_scale and warmup_steps),
@@ -253,7 +253,7 @@ class TrainConfig(_DictConfig):
     max_steps: int | None = None
     max_epochs: float | None = None
     max_minutes: float | None = None
-    max_tflop: float | None = None  # a budget in training compute (aiayn.compute), 1e12 FLOPs
+    max_tflop: float | None = None  # a budget in training compute (aiayn.training.compute), 1e12 FLOPs
     max_sentence_tokens: int = 250  # longer training pairs are skipped (and counted)
     precision: str = "fp32"  # fp32 | bf16 (autocast) | auto (bf16 where native and faster: aiayn.hardware)
     device: str = "cpu"

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from aiayn.attention import MultiHeadAttention, causal_mask
+from aiayn.model.attention import MultiHeadAttention, causal_mask
 
 KINDS = ("encoder", "decoder", "cross")
 # What the lecture calls each kind of attention.
@@ -232,7 +232,7 @@ def explain(model, tokenizer, source: str, target: str | None = None, *, top: in
     Raises:
         ValueError: an empty source.
     """
-    from aiayn.translator import Translator
+    from aiayn.decoding.translator import Translator
 
     if not isinstance(source, str) or not source.strip():
         raise ValueError("explain needs a non-empty source sentence")

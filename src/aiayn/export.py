@@ -60,8 +60,8 @@ from torch import Tensor
 
 from aiayn.config import CTRANSLATE2_QUANTIZATIONS, DecodeConfig, ModelConfig
 from aiayn.config import EXPORT_TARGETS as TARGETS
-from aiayn.model import Transformer, sinusoidal_table
-from aiayn.tokenizer import Tokenizer
+from aiayn.model.transformer import Transformer, sinusoidal_table
+from aiayn.files.tokenizer import Tokenizer
 
 # The output length (pieces, EOS included) at which the exports' default length penalty changes
 # like GNMT's (see `marian_length_penalty`): a typical sentence. On test2016 the demo model's
@@ -373,8 +373,8 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def _publish_directory(out: Path, write: Callable[[Path], None]) -> Path:
     """Write into a temporary directory beside `out`, then swap it in: a failed export leaves
     `out` as it was."""
-    from aiayn.atomic import publish
-    from aiayn.checkpoint import _remove_tree
+    from aiayn.files.atomic import publish
+    from aiayn.files.checkpoint import _remove_tree
 
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp_{out.name}."))
     old = None
@@ -410,7 +410,7 @@ def export(model_dir: str | Path, target: str, out: str | Path, *, quantization:
         ImportError: transformers / ctranslate2 missing (the `export` extra).
         FileNotFoundError / ValueError: a missing or damaged model directory.
     """
-    from aiayn.checkpoint import load_model, read_model_config
+    from aiayn.files.checkpoint import load_model, read_model_config
 
     out = Path(out)
     if target not in TARGETS:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:  # the translator is only needed for type hints
-    from aiayn.translator import AttentionResult
+    from aiayn.decoding.translator import AttentionResult
 
 KINDS = ("cross", "encoder", "decoder")
 DEFAULT_FONT = "DejaVu Sans"  # bundled with matplotlib: Latin (umlauts included), Greek, Cyrillic
@@ -469,7 +469,7 @@ __all__ = [
 
 def plot_curves(log_path: str | Path, png_path: str | Path) -> Path | None:
     """A run's training loss, validation loss and validation BLEU from its log.jsonl, as a PNG:
-    against training compute (TFLOP, `aiayn.compute`) where the log records it, else against
+    against training compute (TFLOP, `aiayn.training.compute`) where the log records it, else against
     updates. Without matplotlib, says so and returns None (a run's curves are optional)."""
     import json
 

@@ -1,8 +1,8 @@
 """Fast inference, kept apart from the paper code: one entry point, `prepare`.
 
-`aiayn.model`, `aiayn.attention` and `aiayn.search` read like the paper and import nothing from
-here; what is faster is handed to them: `prepare` returns a converted *copy* of a model (its
-attention function, linear layers, compiled graphs), and `beam_step_for` a beam step for
+`aiayn.model` and `aiayn.decoding.search` read like the paper and import nothing from here; what
+is faster is handed to them: `prepare` returns a converted *copy* of a model (its attention
+function, linear layers, compiled graphs), and `beam_step_for` a beam step for
 `beam_search(step=...)`. Every private PyTorch API the project uses sits in this package, each
 behind a capability check (`aiayn.hardware`) with a fallback that gives the same tokens:
 

@@ -1,6 +1,6 @@
 """Attention on the CPU for inference: which kernel serves which decoding shape.
 
-Shape legend as in `aiayn.attention`: B batch, H heads, L queries, M keys, D head dim.
+Shape legend as in `aiayn.model.attention`: B batch, H heads, L queries, M keys, D head dim.
 
 `prepare` sets `cpu_attention` as the `attend` of every `MultiHeadAttention` of the models it
 makes for the CPU; the paper's `scaled_dot_product_attention` stays the function of the model
@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from aiayn.attention import apply_mask, fast_attention, reference_attention
+from aiayn.model.attention import apply_mask, fast_attention, reference_attention
 
 
 def summed_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -42,7 +42,7 @@ def cpu_attention(
     need_weights: bool = False,
     incremental: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """`aiayn.attention.scaled_dot_product_attention` with the CPU's faster kernel per shape.
+    """`aiayn.model.attention.scaled_dot_product_attention` with the CPU's faster kernel per shape.
 
     One query per row (incremental decoding, L = 1): the reference path; the fused CPU kernel's
     per-call cost is larger than the two small products it saves. Incremental decoding with more

@@ -11,11 +11,11 @@ import torch
 from torch import Tensor
 
 from aiayn.inference import fused_beam_step
-from aiayn.search import check_beam_step_shapes, log_prob_step
+from aiayn.decoding.search import check_beam_step_shapes, log_prob_step
 
 
 def block_beam_step(scores: Tensor, step_log_probs: Tensor, block: int = 64) -> tuple[Tensor, Tensor, Tensor]:
-    """`aiayn.search.beam_step` for large vocabularies: the same 2K candidates, fewer sums formed.
+    """`aiayn.decoding.search.beam_step` for large vocabularies: the same 2K candidates, fewer sums formed.
 
     The result is that of one top-2K over each sentence's K * V sums (beam score + token
     log-prob), found without forming them. Each beam's vocabulary is cut into blocks of `block`
@@ -51,7 +51,7 @@ def block_beam_step(scores: Tensor, step_log_probs: Tensor, block: int = 64) -> 
 
 
 def beam_step_for(device: str | torch.device):
-    """The fastest beam step for `aiayn.search.beam_search(step=...)` on `device`: the fused C++
+    """The fastest beam step for `aiayn.decoding.search.beam_search(step=...)` on `device`: the fused C++
     step on the CPU where it could be built, else `log_prob_step` selecting with `block_beam_step`."""
     if torch.device(device).type == "cpu" and fused_beam_step.available():
         return fused_beam_step.fused_beam_step

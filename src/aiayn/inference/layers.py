@@ -7,7 +7,7 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from aiayn.attention import InProjection
+from aiayn.model.attention import InProjection
 
 
 class InferenceInProjection(nn.Module):

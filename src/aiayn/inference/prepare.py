@@ -13,7 +13,7 @@ import torch
 from aiayn import hardware
 from aiayn.config import MODEL_PRECISIONS
 from aiayn.allocator import retain_freed_memory
-from aiayn.attention import MultiHeadAttention
+from aiayn.model.attention import MultiHeadAttention
 from aiayn.inference import prepack
 from aiayn.inference.attention import cpu_attention
 from aiayn.inference.compile import compile_model
@@ -52,7 +52,7 @@ def prepare(model, *, precision: str, device: str | torch.device = "cpu", compil
         - compile=True routes encoder and decoder step through `torch.compile` (`compile_model`,
           needs a C++ compiler: without one it warns and stays eager) instead of packing.
     The model serves inference only afterwards. `aiayn.inference.beam_step_for(device)` gives the
-    matching step for `aiayn.search.beam_search`.
+    matching step for `aiayn.decoding.search.beam_search`.
     Raises:
         ValueError: an unknown precision, or int8 on a device other than the CPU.
     """

@@ -40,7 +40,7 @@ def create_app(
     batching: bool = True,
     limits: ServerLimits | None = None,
 ) -> Any:
-    """The FastAPI application serving `translator` (an `aiayn.translator.Translator`).
+    """The FastAPI application serving `translator` (an `aiayn.decoding.translator.Translator`).
 
     The batching worker thread starts and stops with the application's lifespan.
 
@@ -94,7 +94,7 @@ def serve(
     require_fastapi()
     import uvicorn
 
-    from aiayn.translator import Translator
+    from aiayn.decoding.translator import Translator
 
     limits = limits or ServerLimits()
     translator = Translator.load(model_dir, device=device, precision=precision, compile=compile)

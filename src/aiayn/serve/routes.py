@@ -195,7 +195,7 @@ def add_attention_routes(app: FastAPI, gate: Gate, translator: Any) -> None:
     def explain_call(body: Any) -> dict:
         """Runs on the worker: one kind and layer of the walk (`aiayn.explain`), for the pair the
         heatmaps show; refused when its numbers would exceed max_attention_weights."""
-        from aiayn.checkpoint import load_model
+        from aiayn.files.checkpoint import load_model
         from aiayn.explain import page_data, page_numbers
         from aiayn.explain import explain as walk
 

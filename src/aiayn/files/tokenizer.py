@@ -147,7 +147,7 @@ class Tokenizer:
     def save(self, directory: str | Path) -> Path:
         """Write `directory/tokenizer.model` atomically and durably (temp file, fsync, rename);
         returns its path."""
-        from aiayn.atomic import atomic_write_bytes
+        from aiayn.files.atomic import atomic_write_bytes
 
         target = Path(directory) / self.MODEL_FILE
         atomic_write_bytes(target, self._model_proto)

@@ -20,7 +20,7 @@ from torch import Tensor
 from aiayn import hardware
 from aiayn.config import PAPER_DECODE, DecodeConfig
 from aiayn.inference import beam_step_for, check_precision, decoding_timings, prepare
-from aiayn.search import generate, score_tokens, strategy
+from aiayn.decoding.search import generate, score_tokens, strategy
 
 
 @dataclass
@@ -108,13 +108,13 @@ class Translator:
         precision: str = "fp32",
         compile: bool = False,
     ) -> Translator:
-        """A Translator for a model directory written by `aiayn.checkpoint.save_model`.
+        """A Translator for a model directory written by `aiayn.files.checkpoint.save_model`.
 
         Raises:
             FileNotFoundError / ValueError: a missing or damaged model directory (`load_model`),
                 a device this machine lacks, or a precision it cannot run.
         """
-        from aiayn.checkpoint import load_model
+        from aiayn.files.checkpoint import load_model
 
         if precision != "auto":  # before loading: no model moved to a device it cannot use
             check_precision(precision, device)
@@ -152,9 +152,9 @@ class Translator:
     ) -> list[str] | list[list[tuple[str, float]]]:
         """Translate `sentences`; output i belongs to input i.
 
-        `decode` sets the search (`aiayn.search.strategy`; default `DecodeConfig()`: the paper's
+        `decode` sets the search (`aiayn.decoding.search.strategy`; default `DecodeConfig()`: the paper's
         beam 4, length penalty 0.6, max length S + 50). With `decode.sampling`, the translations
-        are random samples (`aiayn.search.Sampling`):
+        are random samples (`aiayn.decoding.search.Sampling`):
         nbest of them per sentence, from generators seeded with decode.seed and the sentence's
         text, so that the same seed gives the same samples whatever the batch. `prefixes`: one
         target prefix per sentence ("" for none): every translation starts with its pieces.
@@ -236,7 +236,7 @@ class Translator:
 
     def score(self, sources: list[str], targets: list[str], *, batch_tokens: int = 4096) -> list[list[float] | None]:
         """Forced decoding: the log-probability of each target piece and of the final EOS given its
-        source (`aiayn.search.score_tokens`), the numbers beam search adds up. Batching never
+        source (`aiayn.decoding.search.score_tokens`), the numbers beam search adds up. Batching never
         changes a score (beyond float rounding). A pair with an empty source gives None.
 
         Raises:
@@ -264,14 +264,14 @@ class Translator:
 
     def align(self, sources: list[str], translations: list[str], *, layer: int | None = None,
               batch_tokens: int = 4096) -> list[str]:
-        """Word alignments (Pharaoh "i-j", `aiayn.alignment`) of each source with its translation,
+        """Word alignments (Pharaoh "i-j", `aiayn.decoding.alignment`) of each source with its translation,
         from the cross-attention of decoder `layer` (default the penultimate, or the only one)
         averaged over heads. An empty source or translation gives "".
 
         Raises:
             ValueError: different numbers of sources and translations, or a layer out of range.
         """
-        from aiayn.alignment import pharaoh, word_alignment
+        from aiayn.decoding.alignment import pharaoh, word_alignment
 
         if len(sources) != len(translations):
             raise ValueError(f"{len(sources)} sources but {len(translations)} translations")

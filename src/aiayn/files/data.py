@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from aiayn.config import BOS_ID, EOS_ID, PAD_ID
-from aiayn.tokenizer import Tokenizer
+from aiayn.files.tokenizer import Tokenizer
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _BOM = "\ufeff"
@@ -262,7 +262,7 @@ def download(url: str, dest: str | Path, sha256: str | None = None) -> Path:
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    from tqdm import tqdm  # only needed here; keeps `import aiayn.data` light
+    from tqdm import tqdm  # only needed here; keeps `import aiayn.files.data` light
 
     handle, temp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     digest = hashlib.sha256()

@@ -1,7 +1,7 @@
 """The Transformer (Vaswani et al., 2017), top to bottom in the paper's order.
 
 Shape legend: B batch, S source length, T target length, E d_model, V vocabulary, H heads.
-Masks: boolean, True = may attend (see `aiayn.attention`).
+Masks: boolean, True = may attend (see `aiayn.model.attention`).
 
 Initialisation (documented because the paper does not give one): every linear weight is
 Xavier-uniform with zero bias (as in tensor2tensor and fairseq); embeddings are N(0, d_model^-0.5),
@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aiayn.attention import KVCache, MultiHeadAttention, causal_mask, padding_mask
+from aiayn.model.attention import KVCache, MultiHeadAttention, causal_mask, padding_mask
 from aiayn.config import ModelConfig
 
 # --- 3.5 Positional encoding -------------------------------------------------------------------
 #
 # `ModelConfig.positional_encoding` picks how the model learns word order. The paper adds a table
-# to the embeddings; the departures put positions inside self-attention (`aiayn.attention`), where
+# to the embeddings; the departures put positions inside self-attention (`aiayn.model.attention`), where
 # they reach the scores only, and the control gives none:
 #   "sinusoidal"  the paper: fixed sinusoids added to the embeddings (below)
 #   "learned"     one learned vector per position added (table 3 row E; Gehring et al. 2017)

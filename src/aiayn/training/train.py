@@ -1,7 +1,7 @@
 """Training, the paper's part (section 5): the label-smoothed loss, one update (train_step), and the
-processes of data-parallel training it sums over. The loop around it is `aiayn.loop` (fit), the
-recipes and the command line `aiayn.recipe`; optimizers and schedules `aiayn.optim`; the compute
-each step costs `aiayn.compute`.
+processes of data-parallel training it sums over. The loop around it is `aiayn.training.loop` (fit), the
+recipes and the command line `aiayn.training.recipe`; optimizers and schedules `aiayn.training.optim`; the compute
+each step costs `aiayn.training.compute`.
 
 Shape legend: B batch, S source length, T target length, N non-padding target tokens, V vocab.
 """
@@ -15,10 +15,10 @@ import os
 import torch
 
 from aiayn import hardware
-from aiayn.checkpoint import (
+from aiayn.files.checkpoint import (
     _unwrap,
 )
-from aiayn.model import Transformer
+from aiayn.model.transformer import Transformer
 
 # --- loss (section 5.4) ------------------------------------------------------
 
@@ -120,7 +120,7 @@ def autocast(device: torch.device, precision: str):
 
 def training_timings(model: Transformer, batches: list, device: torch.device, precisions=("fp32", "bf16"), *,
                      label_smoothing: float = 0.1, repeats: int = 2) -> dict[str, float]:
-    """Seconds per precision of a forward and backward pass over each of `batches` (`aiayn.data.Batch`),
+    """Seconds per precision of a forward and backward pass over each of `batches` (`aiayn.files.data.Batch`),
     on a copy of `model` (left untouched, the caller's random state too): what `--precision auto`
     weighs for training. Pass batches like those the run will see: for a small model, whether bf16
     wins depends on their shapes (benchmarks/RESULTS.md)."""

@@ -1,7 +1,7 @@
 """The training loop: fit() as a short list of named steps (set up, start or resume, resolve the
 precision, estimate the budget, update until a budget is spent, validate, checkpoint), the run's
-resumable state, validation, and the stop signals. One update is `aiayn.train.train_step`.
-What a run writes (model directory, checkpoints, averaging) is `aiayn.checkpoint`'s.
+resumable state, validation, and the stop signals. One update is `aiayn.training.train.train_step`.
+What a run writes (model directory, checkpoints, averaging) is `aiayn.files.checkpoint`'s.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import torch
 
 from aiayn import hardware
 from aiayn.allocator import retain_freed_memory
-from aiayn.atomic import atomic_write_bytes
-from aiayn.checkpoint import (
+from aiayn.files.atomic import atomic_write_bytes
+from aiayn.files.checkpoint import (
     _unwrap,
     checkpoint_paths,
     latest_checkpoint,
@@ -30,11 +30,11 @@ from aiayn.checkpoint import (
     save_checkpoint,
     save_model,
 )
-from aiayn.compute import batches_flops
-from aiayn.model import Transformer
-from aiayn.optim import BudgetEstimate, build_optimizer, learning_rate_for
-from aiayn.tokenizer import Tokenizer
-from aiayn.train import (
+from aiayn.training.compute import batches_flops
+from aiayn.model.transformer import Transformer
+from aiayn.training.optim import BudgetEstimate, build_optimizer, learning_rate_for
+from aiayn.files.tokenizer import Tokenizer
+from aiayn.training.train import (
     TrainingDiverged,
     TranslationLoss,
     all_gather,
@@ -56,14 +56,14 @@ class TrainingState:
     elapsed: float = 0.0  # seconds trained before this process started (earlier, resumed-from runs)
     # Written into every checkpoint, so that `aiayn average` can refuse to mix two runs.
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
-    flops: float = 0.0  # training compute so far (aiayn.compute), every process's batches
+    flops: float = 0.0  # training compute so far (aiayn.training.compute), every process's batches
 
 
 def save_training_state(
     out_dir: Path, model, optimizer, iterator, state: TrainingState, *, elapsed: float, keep_last: int,
     world: int = 1, rank: int = 0, device: torch.device | None = None,
 ) -> None:
-    """A checkpoint of the run (`aiayn.checkpoint.save_checkpoint`): weights, `state` (with
+    """A checkpoint of the run (`aiayn.files.checkpoint.save_checkpoint`): weights, `state` (with
     `elapsed` seconds in all), optimizer, data position, and every rank's random states (CPU, and
     CUDA: each GPU has its own generator), so that a resumed run gives each rank its own back.
     Every rank calls it (the random states are gathered); rank 0 writes."""
@@ -246,7 +246,7 @@ def fit(
     resume: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train `model` on `train_corpus` (an `aiayn.data.TokenizedCorpus`) with `config` (TrainConfig).
+    """Train `model` on `train_corpus` (an `aiayn.files.data.TokenizedCorpus`) with `config` (TrainConfig).
 
     Writes to `out_dir`: the model directory of the best validation BLEU (or of the last step when
     there is no validation set), checkpoints/ (last `keep_last`), log.jsonl, train_config.json and
@@ -288,7 +288,7 @@ def _set_up(model, tokenizer, train_corpus, config, out_dir: Path, info, valid_c
 
     import numpy as np
 
-    from aiayn.data import BatchIterator
+    from aiayn.files.data import BatchIterator
 
     rank, world, local_rank = distributed_context(config.device, config.distributed_timeout_s)
     device = torch.device(f"cuda:{local_rank}" if config.device == "cuda" else "cpu")
@@ -343,7 +343,7 @@ def _start_or_resume(run: _Run, resume: bool) -> None:
 
 
 def _first_batches(run: _Run, train_corpus, count: int = 3) -> list:
-    from aiayn.data import BatchIterator
+    from aiayn.files.data import BatchIterator
 
     stream = iter(BatchIterator(train_corpus, run.config.batch_tokens, shuffle=True, seed=run.config.seed))
     return [batch for _, batch in zip(range(count), stream)]
@@ -369,7 +369,7 @@ def _estimate_budget(run: _Run, train_corpus) -> BudgetEstimate:
     """What one update costs in epochs and FLOPs (exact, from every batch of an epoch), and, for a
     budget in minutes under a budgeted schedule, in seconds (probed on the first batches here,
     then measured as the run goes)."""
-    from aiayn.data import BatchIterator
+    from aiayn.files.data import BatchIterator
 
     config = run.config
     per_update = config.accumulate * run.world
@@ -522,7 +522,7 @@ def evaluate_loss(model: Transformer, corpus, config, device: torch.device) -> d
     """Validation loss (label-smoothed, as trained) and perplexity (from the plain NLL)."""
     import math
 
-    from aiayn.data import BatchIterator
+    from aiayn.files.data import BatchIterator
 
     model.eval()
     criterion = TranslationLoss(model, label_smoothing=config.label_smoothing)
@@ -543,8 +543,8 @@ def validation_bleu(model: Transformer, tokenizer: Tokenizer, corpus, references
     """sacreBLEU of greedy (or beam `valid_beam`) translations of the validation sources."""
     import sacrebleu
 
-    from aiayn.data import BatchIterator
-    from aiayn.search import beam_search, greedy_search
+    from aiayn.files.data import BatchIterator
+    from aiayn.decoding.search import beam_search, greedy_search
 
     model.eval()
     count = len(corpus) if config.valid_max_sentences is None else min(len(corpus), config.valid_max_sentences)

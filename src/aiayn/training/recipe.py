@@ -1,5 +1,5 @@
 """Recipes and the command line of training: a YAML recipe (configs/), `--set` / `--model`
-overrides, the data and tokenizer, then `aiayn.loop.fit`."""
+overrides, the data and tokenizer, then `aiayn.training.loop.fit`."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ from typing import Any
 import torch
 
 from aiayn import hardware
-from aiayn.checkpoint import (
+from aiayn.files.checkpoint import (
     prepare_run_directory,
     read_model_config,
 )
 from aiayn.config import ModelConfig
-from aiayn.loop import fit
-from aiayn.model import Transformer
-from aiayn.tokenizer import Tokenizer
-from aiayn.train import distributed_context
+from aiayn.training.loop import fit
+from aiayn.model.transformer import Transformer
+from aiayn.files.tokenizer import Tokenizer
+from aiayn.training.train import distributed_context
 
 # --- command line ----------------------------------------------------------------------------
 
@@ -80,7 +80,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 def train_from_args(args) -> dict[str, Any]:
     """`aiayn train`: resolve data, tokenizer, model and train config, then `fit`."""
     from aiayn.config import TrainConfig
-    from aiayn.data import encode_parallel, multi30k_paths, parse_data_spec, read_parallel
+    from aiayn.files.data import encode_parallel, multi30k_paths, parse_data_spec, read_parallel
 
     recipe = load_recipe(args.config) if args.config else {}
     out_dir = Path(args.out)

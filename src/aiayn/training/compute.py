@@ -48,5 +48,5 @@ def step_flops(config: ModelConfig, src_tokens: torch.Tensor, tgt_output: torch.
 
 
 def batches_flops(config: ModelConfig, batches) -> float:
-    """FLOPs of a forward + backward pass over each of `batches` (`aiayn.data.Batch`), summed."""
+    """FLOPs of a forward + backward pass over each of `batches` (`aiayn.files.data.Batch`), summed."""
     return sum(step_flops(config, batch.src_tokens, batch.tgt_output) for batch in batches)

@@ -85,7 +85,7 @@ class BudgetEstimate:
     of the total updates; the smallest is the one that ends the run.
     Args:
         updates_per_epoch: updates in one pass over the training data.
-        flops_per_update: mean FLOPs of an update over an epoch (`aiayn.compute`).
+        flops_per_update: mean FLOPs of an update over an epoch (`aiayn.training.compute`).
         seconds_per_update: measured (or probed) wall time of an update; updated by the caller.
     """
 

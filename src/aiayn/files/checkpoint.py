@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from aiayn.atomic import atomic_write_bytes, publish
+from aiayn.files.atomic import atomic_write_bytes, publish
 from aiayn.config import ModelConfig
-from aiayn.model import Transformer
-from aiayn.tokenizer import Tokenizer
+from aiayn.model.transformer import Transformer
+from aiayn.files.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"

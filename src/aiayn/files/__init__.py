@@ -1,0 +1,2 @@
+"""Files and data: parallel text and batches, the tokenizer, model directories and checkpoints,
+atomic writes."""
