@@ -210,6 +210,7 @@ def plot(out: Path, png: Path) -> None:
     figure = mpl.figure.Figure(figsize=(10, 6), dpi=100, layout="constrained")
     mpl.backends.backend_agg.FigureCanvasAgg(figure)
     ax = figure.subplots()
+    ax.set_prop_cycle(color=mpl.colormaps["tab20"].colors)
     for variant in sorted({r["variant"] for r in results}):
         runs = [r for r in results if r["variant"] == variant and r["seed"] == min(
             x["seed"] for x in results if x["variant"] == variant)]
