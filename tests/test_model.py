@@ -1,4 +1,4 @@
-"""Numerical checks of the model: every claim in issue 2 is tested against numbers."""
+"""Numerical checks of the model: every claim is tested against numbers, not shapes."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Positional encodings (issue 23): every kind checked against numbers, not shapes.
+"""Positional encodings: every kind checked against numbers, not shapes.
 
 sinusoidal, learned (added to the embeddings), rope, alibi, relative (inside self-attention), none.
 """

@@ -1,4 +1,4 @@
-"""What practitioners expect of a translation toolkit (issue 25): forced scoring, target prefixes,
+"""What practitioners expect of a translation toolkit: forced scoring, target prefixes,
 sampling and word alignments; numbers checked against the search and against each other."""
 
 import io

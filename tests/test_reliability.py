@@ -1,4 +1,4 @@
-"""Failure cases a clumsy or hostile user finds (issue 22): nothing lost, one clear line, no
+"""Failure cases a clumsy or hostile user finds: nothing lost, one clear line, no
 unbounded allocation. Each test failed before its fix. The server's cases are in test_server.py."""
 
 import gzip

@@ -1,4 +1,4 @@
-"""The server under bad input, bad models, overload and bad clients (issue 22), against a real
+"""The server under bad input, bad models, overload and bad clients, against a real
 uvicorn on loopback with the tiny untrained model of `test_server`.
 
 One bad request fails alone in its batch; a worker error is a one-line 500 and the worker goes on;
