@@ -4,8 +4,6 @@ sinusoidal, learned (added to the embeddings), rope, alibi, relative (inside sel
 """
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -340,19 +338,22 @@ def test_bf16_inference_keeps_rope_angles_and_alibi_close_to_fp32():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_positions_plot_of_each_kind(kind, tmp_path):
+def test_positions_plot_of_each_kind(kind, tmp_path, capsys):
     pytest.importorskip("matplotlib")
+    from aiayn.cli import main
     from aiayn.files.checkpoint import save_model
     from aiayn.files.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.train([f"ein satz {n} mit {n * 3} worten" for n in range(200)], 40)
     save_model(tiny_model(kind, vocab_size=tokenizer.vocab_size), tokenizer, tmp_path / "model")
     out = tmp_path / "positions.png"
-    run = subprocess.run([sys.executable, "-m", "aiayn", "positions", "--model", str(tmp_path / "model"),
-                          "--length", "20", "--out", str(out)], capture_output=True, text=True)
+    # In process (the command's own entry point), not a subprocess: the same code, without
+    # importing torch again for each kind.
+    code = main(["positions", "--model", str(tmp_path / "model"), "--length", "20", "--out", str(out)])
+    captured = capsys.readouterr()
     if kind == "none":
-        assert run.returncode != 0 and "no positional encoding to plot" in run.stderr
+        assert code != 0 and "no positional encoding to plot" in captured.err
         assert not out.exists()
     else:
-        assert run.returncode == 0, run.stderr
-        assert Path(run.stdout.strip()) == out and out.stat().st_size > 1000
+        assert code == 0, captured.err
+        assert Path(captured.out.strip()) == out and out.stat().st_size > 1000
