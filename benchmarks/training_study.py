@@ -30,12 +30,13 @@ import torch
 
 from aiayn import ModelConfig, Transformer
 from aiayn.config import TrainConfig
-from aiayn.files.data import encode_parallel, read_parallel
+from aiayn.decoding.translator import Translator
 from aiayn.evaluate import score
+from aiayn.files.data import encode_parallel, read_parallel
 from aiayn.files.tokenizer import Tokenizer
+from aiayn.training.compute import mean_update_flops
 from aiayn.training.loop import fit
 from aiayn.training.recipe import load_recipe
-from aiayn.decoding.translator import Translator
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "multi30k-de-en-demo.yaml"
@@ -136,7 +137,7 @@ def run_one(variant: str, seed: int, tflop: float, data_dir: Path, out: Path, th
     torch.manual_seed(seed)
     model = Transformer(ModelConfig.preset("small", **{**model_overrides, "vocab_size": tokenizer.vocab_size}))
     # Validation BLEU about six times in the run, for the curve against TFLOP.
-    steps = tflop * 1e12 / max(_flops_per_update(model, corpus, config), 1.0)
+    steps = tflop * 1e12 / mean_update_flops(model.config, corpus, config.batch_tokens, config.accumulate)
     config = config.replace(eval_every=max(1, int(steps / 6)))
     started = time.monotonic()
     summary = fit(model, tokenizer, corpus, config, run_dir, valid_corpus=valid,
@@ -158,14 +159,6 @@ def run_one(variant: str, seed: int, tflop: float, data_dir: Path, out: Path, th
             result["example"] = translator.translate(["Ein Mann fährt Fahrrad auf einer Straße."])[0]
     (run_dir / "results.json").write_text(json.dumps(result, indent=1))
     return result
-
-
-def _flops_per_update(model, corpus, config) -> float:
-    from aiayn.training.compute import batches_flops
-    from aiayn.files.data import BatchIterator
-
-    batches = list(BatchIterator(corpus, config.batch_tokens, shuffle=False))
-    return batches_flops(model.config, batches) * config.accumulate / len(batches)
 
 
 def _curve(log_path: Path) -> list[list[float]]:

@@ -180,3 +180,13 @@ def test_a_minutes_budget_under_a_budgeted_schedule_probes_the_step_time(tmp_pat
     assert [r["budget_updates"] for r in records if "loss" in r] == [4, 4, 4, 4]
     assert [r["lr"] for r in records if "loss" in r] == pytest.approx(
         [budgeted_rate(step, 4, schedule="cosine", peak=1e-3, warmup_fraction=0.05) for step in (1, 2, 3, 4)])
+
+
+def test_mean_update_flops_is_the_epochs_mean_times_the_batches_per_update(corpus):  # noqa: F811
+    from aiayn.training.compute import mean_update_flops
+
+    tokenizer, train, _ = corpus
+    config = _model(tokenizer).config
+    per_batch = [batches_flops(config, [b]) for b in BatchIterator(train, 600, shuffle=False)]
+    assert mean_update_flops(config, train, 600) == pytest.approx(sum(per_batch) / len(per_batch), rel=1e-12)
+    assert mean_update_flops(config, train, 600, 3) == pytest.approx(3 * sum(per_batch) / len(per_batch), rel=1e-12)

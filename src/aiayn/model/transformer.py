@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aiayn.model.attention import KVCache, MultiHeadAttention, causal_mask, padding_mask
 from aiayn.config import ModelConfig
+from aiayn.model.attention import KVCache, MultiHeadAttention, causal_mask, padding_mask
 
 # --- 3.5 Positional encoding -------------------------------------------------------------------
 #
@@ -183,7 +183,6 @@ class EncoderLayer(nn.Module):
         self.feed_forward = FeedForward(d_model=d_model, d_ff=d_ff)
         self.norm1 = SublayerConnection(d_model=d_model, dropout=dropout, norm_first=norm_first)
         self.norm2 = SublayerConnection(d_model=d_model, dropout=dropout, norm_first=norm_first)
-        self.norm_first = norm_first
 
     def forward(self, x: Tensor, mask: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         """x: [B, S, E]; mask: [B, 1, 1, S] -> ([B, S, E], weights [B, H, S, S] or None)."""
@@ -208,7 +207,6 @@ class DecoderLayer(nn.Module):
         self.norm1 = SublayerConnection(d_model=d_model, dropout=dropout, norm_first=norm_first)
         self.norm2 = SublayerConnection(d_model=d_model, dropout=dropout, norm_first=norm_first)
         self.norm3 = SublayerConnection(d_model=d_model, dropout=dropout, norm_first=norm_first)
-        self.norm_first = norm_first
 
     def forward(
         self,

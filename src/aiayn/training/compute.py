@@ -50,3 +50,15 @@ def step_flops(config: ModelConfig, src_tokens: torch.Tensor, tgt_output: torch.
 def batches_flops(config: ModelConfig, batches) -> float:
     """FLOPs of a forward + backward pass over each of `batches` (`aiayn.files.data.Batch`), summed."""
     return sum(step_flops(config, batch.src_tokens, batch.tgt_output) for batch in batches)
+
+
+def mean_update_flops(config: ModelConfig, corpus, batch_tokens: int, batches_per_update: int = 1) -> float:
+    """Mean FLOPs of an update over one epoch of `corpus` (`aiayn.files.data.TokenizedCorpus`) in
+    batches of `batch_tokens`, `batches_per_update` batches an update: what a budget in TFLOP buys."""
+    from aiayn.files.data import BatchIterator
+
+    total = count = 0
+    for batch in BatchIterator(corpus, batch_tokens, shuffle=False):
+        total += step_flops(config, batch.src_tokens, batch.tgt_output)
+        count += 1
+    return total * batches_per_update / count

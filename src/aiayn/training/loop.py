@@ -11,6 +11,7 @@ import math
 import signal
 import sys
 import threading
+import time
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -30,10 +31,10 @@ from aiayn.files.checkpoint import (
     save_checkpoint,
     save_model,
 )
-from aiayn.training.compute import batches_flops
-from aiayn.model.transformer import Transformer
-from aiayn.training.optim import BudgetEstimate, build_optimizer, learning_rate_for
 from aiayn.files.tokenizer import Tokenizer
+from aiayn.model.transformer import Transformer
+from aiayn.training.compute import batches_flops, mean_update_flops
+from aiayn.training.optim import BudgetEstimate, build_optimizer, learning_rate_for
 from aiayn.training.train import (
     TrainingDiverged,
     TranslationLoss,
@@ -196,8 +197,6 @@ class _Run:
 
     def seconds(self) -> float:
         """Wall time trained in all, earlier (resumed-from) processes included."""
-        import time
-
         return self.state.elapsed + time.monotonic() - self.started
 
     def epochs(self) -> float:
@@ -369,13 +368,12 @@ def _estimate_budget(run: _Run, train_corpus) -> BudgetEstimate:
     """What one update costs in epochs and FLOPs (exact, from every batch of an epoch), and, for a
     budget in minutes under a budgeted schedule, in seconds (probed on the first batches here,
     then measured as the run goes)."""
-    from aiayn.files.data import BatchIterator
-
     config = run.config
     per_update = config.accumulate * run.world
-    epoch = list(BatchIterator(train_corpus, config.batch_tokens, shuffle=False))
-    budget = BudgetEstimate(updates_per_epoch=len(epoch) / per_update,
-                            flops_per_update=batches_flops(_unwrap(run.model).config, epoch) * per_update / len(epoch))
+    budget = BudgetEstimate(
+        updates_per_epoch=len(run.iterator) / per_update,
+        flops_per_update=mean_update_flops(_unwrap(run.model).config, train_corpus, config.batch_tokens, per_update),
+    )
     if config.schedule != "inverse_sqrt" and config.max_minutes is not None:
         probe = training_timings(run.model, _first_batches(run, train_corpus, config.accumulate), run.device,
                                  (config.precision,), label_smoothing=config.label_smoothing, repeats=1)
@@ -403,8 +401,6 @@ def _should_stop(run: _Run) -> bool:
 def _train_until_stopped(run: _Run, budget: BudgetEstimate, log: _RunLog, stop_request: _StopRequest) -> float:
     """Updates until a budget is spent or a stop is asked for; logs every `log_every`, validates
     every `eval_every` and checkpoints every `save_every` updates. Returns the target tokens seen."""
-    import time
-
     config, state, model_config = run.config, run.state, _unwrap(run.model).config
     per_update = config.accumulate * run.world
     stream = _batch_stream(run.iterator)
@@ -463,8 +459,6 @@ class _Window:
 
 
 def _log_window(run: _Run, log: _RunLog, window: _Window, lr: float, total_updates: float) -> None:
-    import time
-
     now = time.monotonic()
     nll = window.nll / window.tokens
     record = {
@@ -543,8 +537,8 @@ def validation_bleu(model: Transformer, tokenizer: Tokenizer, corpus, references
     """sacreBLEU of greedy (or beam `valid_beam`) translations of the validation sources."""
     import sacrebleu
 
-    from aiayn.files.data import BatchIterator
     from aiayn.decoding.search import beam_search, greedy_search
+    from aiayn.files.data import BatchIterator
 
     model.eval()
     count = len(corpus) if config.valid_max_sentences is None else min(len(corpus), config.valid_max_sentences)

@@ -10,14 +10,14 @@ from typing import Any
 import torch
 
 from aiayn import hardware
+from aiayn.config import ModelConfig
 from aiayn.files.checkpoint import (
     prepare_run_directory,
     read_model_config,
 )
-from aiayn.config import ModelConfig
-from aiayn.training.loop import fit
-from aiayn.model.transformer import Transformer
 from aiayn.files.tokenizer import Tokenizer
+from aiayn.model.transformer import Transformer
+from aiayn.training.loop import fit
 from aiayn.training.train import distributed_context
 
 # --- command line ----------------------------------------------------------------------------
