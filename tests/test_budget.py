@@ -10,7 +10,8 @@ from aiayn import ModelConfig, Transformer
 from aiayn.training.compute import batches_flops, stack_parameters, step_flops
 from aiayn.config import OPTIMIZERS, TrainConfig
 from aiayn.files.data import BatchIterator
-from aiayn.training.optim import BudgetEstimate, OptimizerGroup, budgeted_rate, build_optimizer, learning_rate_for
+from aiayn.training.optim import (BudgetEstimate, Muon, OptimizerGroup, budgeted_rate, build_optimizer,
+                                  learning_rate_for, orthogonalize)
 from aiayn.training.loop import fit
 from test_train import _config, _model, corpus  # noqa: F401  (corpus is a fixture)
 
@@ -126,7 +127,7 @@ def test_muon_takes_the_stacks_weight_matrices_and_adam_the_rest():
     optimizer = build_optimizer(model, TrainConfig(optimizer="muon"))
     assert isinstance(optimizer, OptimizerGroup)
     muon, adam = optimizer.optimizers
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adam, torch.optim.AdamW)
+    assert isinstance(muon, Muon) and isinstance(adam, torch.optim.AdamW)
     names = {id(p): n for n, p in model.named_parameters()}
     in_muon = sorted(names[id(p)] for p in muon.param_groups[0]["params"])
     assert "src_embedding.weight" not in in_muon and all(p.endswith(".weight") for p in in_muon)
@@ -136,6 +137,58 @@ def test_muon_takes_the_stacks_weight_matrices_and_adam_the_rest():
     restored.load_state_dict(optimizer.state_dict())
     with pytest.raises(ValueError, match="not this run's optimizer"):
         restored.load_state_dict(torch.optim.Adam(model.parameters()).state_dict())
+
+
+def _muon_steps(optimizer, weights, grads):
+    for grad in grads:
+        weights.grad = grad.clone()
+        optimizer.step()
+    return weights.detach().clone()
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_muon_in_bf16_is_torch_optim_muon_and_in_fp32_close_to_it(shape):
+    torch.manual_seed(0)
+    start = torch.randn(shape)
+    grads = [torch.randn(shape) for _ in range(3)]
+    results = {}
+    for name in ("torch", "bf16", "fp32"):
+        weights = torch.nn.Parameter(start.clone())
+        if name == "torch":
+            optimizer = torch.optim.Muon([weights], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+        else:
+            dtype = torch.bfloat16 if name == "bf16" else torch.float32
+            optimizer = Muon([weights], lr=0.02, weight_decay=0.1, ns_dtype=dtype)
+        results[name] = _muon_steps(optimizer, weights, grads)
+    assert torch.equal(results["bf16"], results["torch"])
+    moved = (results["torch"] - start).norm()
+    assert moved > 0.1 and (results["fp32"] - results["torch"]).norm() < 0.05 * moved
+
+
+def test_orthogonalize_brings_every_singular_value_near_one():
+    torch.manual_seed(0)
+    update = torch.randn(32, 64) * torch.logspace(-1, 1, 64)  # columns over two decades
+    singular = torch.linalg.svdvals(orthogonalize(update, dtype=torch.float32))
+    assert singular.min() > 0.6 and singular.max() < 1.25
+    assert torch.linalg.svdvals(update).max() / torch.linalg.svdvals(update).min() > 30
+
+
+def test_newton_schulz_runs_in_bf16_only_where_bf16_is_native(monkeypatch):
+    from aiayn import hardware
+    from aiayn.training import optim
+
+    for native, expected in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr(hardware.Capabilities, "native_bf16", lambda self, device, n=native: n)
+        assert optim.newton_schulz_dtype(torch.device("cpu")) == expected
+        muon = build_optimizer(Transformer(TINY), TrainConfig(optimizer="muon")).optimizers[0]
+        assert muon.ns_dtype == expected
+
+
+def test_muon_refuses_what_it_cannot_orthogonalise():
+    with pytest.raises(ValueError, match="2-D weight matrices"):
+        Muon([torch.nn.Parameter(torch.zeros(3))])
+    with pytest.raises(ValueError, match="momentum"):
+        Muon([torch.nn.Parameter(torch.zeros(3, 3))], momentum=1.0)
 
 
 # --- the training loop ----------------------------------------------------------------------

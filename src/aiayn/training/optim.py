@@ -19,7 +19,11 @@ Optimizers (`TrainConfig.optimizer`): adam (the paper's, betas 0.9 / 0.98, eps 1
 (decoupled weight decay, Loshchilov & Hutter 2019), sgd (with momentum) and muon (Jordan et al.
 2024: the momentum of each 2-D weight matrix of the stacks orthogonalised by Newton-Schulz
 iterations; embeddings, biases and LayerNorms keep Adam, as in the NanoGPT speedrun. Its rate is
-matched to AdamW's update RMS, Liu et al. 2025, so one learning rate serves both).
+matched to AdamW's update RMS, Liu et al. 2025, so one learning rate serves both). `Muon` here is
+torch.optim.Muon's algorithm with one change: the Newton-Schulz iterations run in bf16 only where
+bf16 matrix products are native; torch.optim.Muon always casts to bf16, which on an AVX2-only CPU
+takes PyTorch's reference path and made each update several times slower than its forward and
+backward passes together.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from aiayn import hardware
 from aiayn.config import OPTIMIZERS, SCHEDULES
 
 # The weight matrices Muon orthogonalises: attention in / out projections and the two FFN layers.
@@ -116,6 +121,74 @@ def learning_rate_for(config, *, d_model: int, step: int, total_updates: float) 
                          warmup_fraction=config.warmup_fraction, decay_fraction=config.decay_fraction)
 
 
+# The quintic Newton-Schulz coefficients of Jordan et al. (maximal slope at zero; torch.optim.Muon's).
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(update: torch.Tensor, *, steps: int = 5, dtype: torch.dtype = torch.float32,
+                  eps: float = 1e-7) -> torch.Tensor:
+    """An approximation of U V^T for the SVD U S V^T of the 2-D `update`: `steps` quintic
+    Newton-Schulz iterations X <- aX + (bXX^T + c(XX^T)^2)X, computed in `dtype`, on the matrix
+    scaled to spectral norm <= 1 (its Frobenius norm bounds the spectral one). The singular values
+    come out in about [0.7, 1.2], not exactly 1, which Jordan et al. found does not hurt."""
+    a, b, c = NEWTON_SCHULZ
+    x = update.to(dtype)
+    tall = x.size(0) > x.size(1)
+    if tall:  # iterate on the wide orientation: the Gram matrix is the smaller side squared
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.T if tall else x).to(update.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D weight matrices: Nesterov momentum, orthogonalised (`orthogonalize`), applied with
+    the rate scaled by 0.2 * sqrt(max(rows, cols)) to match AdamW's update RMS (Liu et al. 2025),
+    and decoupled weight decay. `ns_dtype` is the Newton-Schulz precision, not saved with the state,
+    so that a run resumed on another machine uses its own."""
+
+    def __init__(self, params, *, lr: float = 0.0, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_steps: int = 5, eps: float = 1e-7,
+                 ns_dtype: torch.dtype = torch.float32) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"Muon: momentum must be in [0, 1), got {momentum}")
+        if not 0 < ns_steps < 100:
+            raise ValueError(f"Muon: ns_steps must be in 1..99, got {ns_steps}")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      nesterov=nesterov, ns_steps=ns_steps, eps=eps))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(f"Muon: takes 2-D weight matrices, got a parameter of shape {tuple(p.shape)}")
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = orthogonalize(update, steps=group["ns_steps"], dtype=self.ns_dtype, eps=group["eps"])
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
+        return loss
+
+
+def newton_schulz_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where its matrix products are native on `device` (AMX, AVX512-BF16, a bf16 GPU), else fp32."""
+    return torch.bfloat16 if hardware.detect().native_bf16(device) else torch.float32
+
+
 class OptimizerGroup:
     """Several optimizers stepped as one (Muon for the weight matrices, Adam for the rest): the
     param_groups, step, zero_grad and state_dict that the training step uses."""
@@ -162,7 +235,7 @@ def build_optimizer(model: torch.nn.Module, config):
         chosen = {id(p) for p in matrices}
         others = [p for p in model.parameters() if id(p) not in chosen]
         return OptimizerGroup([
-            torch.optim.Muon(matrices, lr=0.0, weight_decay=decay, adjust_lr_fn="match_rms_adamw"),
+            Muon(matrices, lr=0.0, weight_decay=decay, ns_dtype=newton_schulz_dtype(matrices[0].device)),
             torch.optim.AdamW(others, lr=0.0, betas=betas, eps=eps, weight_decay=decay),
         ])
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
