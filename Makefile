@@ -35,7 +35,7 @@ demo: setup
 	echo "Ein Mann fährt Fahrrad auf einer Straße." | $(PY) -m aiayn translate --model $(DEMO_OUT)
 
 test: setup
-	AIAYN_DATA=$(DATA_DIR) $(PY) -m pytest -q tests
+	AIAYN_DATA=$(DATA_DIR) $(PY) -m pytest -q -n auto --maxschedchunk 2 tests
 
 lint: setup
 	$(PY) -m ruff check src tests benchmarks

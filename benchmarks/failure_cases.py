@@ -222,7 +222,80 @@ def cases(p: Probe) -> list[tuple[str, Callable[[], tuple[int, str, str]]]]:
                         ("model.safetensors", "config.json", "tokenizer.model")})
         return status, line, f"umask 022 gives modes {modes}"
 
+    def small_disk(name: str, size: int) -> Path | None:
+        """A tmpfs of `size` bytes at work/name (root only; None where it cannot be mounted)."""
+        where = work / name
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                              capture_output=True)
+        if done.returncode != 0:
+            return None
+        return where
+
+    def full_disk(name: str) -> Path | None:
+        where = small_disk(name, 64 << 10)
+        if where is not None:
+            with open(where / "ballast", "wb", buffering=0) as handle:
+                try:
+                    while handle.write(b"\0" * 4096):
+                        pass
+                except OSError:
+                    pass
+        return where
+
+    def tree_bytes(path: Path) -> int:
+        return sum(-(-f.stat().st_size // 4096) * 4096 for f in path.rglob("*") if f.is_file())
+
+    def train_onto_a_full_disk():
+        checkpoints = sorted((model / "checkpoints").iterdir())
+        one = tree_bytes(checkpoints[0])
+        disk = small_disk("disk-train", tree_bytes(model) - len(checkpoints) * one + 2 * one + one // 2)
+        if disk is None:
+            return "-", "skipped: mounting a tmpfs needs root", ""
+        status, line, _ = p.train(disk / "run", "--set", "keep_last=10", steps=8)
+        kept = sorted(q.name for q in (disk / "run" / "checkpoints").iterdir()) if (disk / "run").is_dir() else []
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        resumed, resumed_line, _ = p.train(disk / "run", "--resume", "--set", "keep_last=10", steps=8)
+        return status, line, f"kept {kept}; after space was freed, --resume exit {resumed} {resumed_line[:60]}"
+
+    def onto_full_disk(command: str):
+        def case():
+            disk = full_disk(f"disk-{command}")
+            if disk is None:
+                return "-", "skipped: mounting a tmpfs needs root", ""
+            if command == "translate":
+                status, line, _ = translate(model, "--output", str(disk / "out.en"),
+                                            stdin="Ein Hund läuft über die Wiese .\n".encode() * 2000)
+            elif command == "average":
+                status, line, _ = p.aiayn("average", "--run", str(model), "--last", "2", "--out", str(disk / "avg"))
+            else:
+                status, line, _ = p.aiayn("export", "--model", str(model), "--to", "ctranslate2",
+                                          "--out", str(disk / "ct2"))
+            left = sorted(q.name for q in disk.iterdir() if q.name != "ballast")
+            return status, line, f"left on the disk: {left or 'nothing'}"
+        return case
+
+    def train_batch_too_large():
+        # All 400 pairs in one batch through a 256k-wide feed-forward layer: one activation alone
+        # is about 6 GB, past the probe's 6 GiB address-space limit.
+        status, line, seconds = p.train(work / "toolarge", "--model", "d_ff=262144", "--batch-tokens", "100000",
+                                        steps=1)
+        return status, line, f"{seconds:.1f} s"
+
+    def translate_batch_too_large():
+        lines = "Ein Hund läuft über die Wiese und ein Kind spielt im Garten .\n".encode() * 4000
+        status, line, seconds = translate(model, "--beam", "128", "--batch-tokens", "1000000", "--output",
+                                          str(work / "toolarge.en"), stdin=lines, timeout=600)
+        left = "no output file" if not (work / "toolarge.en").exists() else "an output file"
+        return status, line, f"{left}; {seconds:.1f} s"
+
     return [
+        ("train onto a full disk", train_onto_a_full_disk),
+        ("translate --output onto a full disk", onto_full_disk("translate")),
+        ("average onto a full disk", onto_full_disk("average")),
+        ("export onto a full disk", onto_full_disk("export")),
+        ("train: a batch beyond the address space", train_batch_too_large),
+        ("translate: a batch beyond the address space", translate_batch_too_large),
         ("train --out DIR holding a model (no --resume)", fresh_train_over_model),
         ("train --model foo=1 over an existing model", typo_over_model),
         ("average --last 0", average("0")),
@@ -278,13 +351,18 @@ def main() -> None:
         if status != 0:
             raise SystemExit(f"could not train the probe model: {line}")
         rows = []
-        for name, case in cases(probe):
-            if args.only and args.only not in name:
-                continue
-            status, line, check = case()
-            rows.append((name, status, line, check))
-            print(f"{name:48s} {status:>4}  {line}  {check}", file=sys.stderr if args.markdown else sys.stdout,
-                  flush=True)
+        try:
+            for name, case in cases(probe):
+                if args.only and args.only not in name:
+                    continue
+                status, line, check = case()
+                rows.append((name, status, line, check))
+                print(f"{name:48s} {status:>4}  {line}  {check}", file=sys.stderr if args.markdown else sys.stdout,
+                      flush=True)
+        finally:  # the small disks of the machine-fault cases
+            for mount in Path("/proc/mounts").read_text().splitlines():
+                if mount.split()[1].startswith(str(work)):
+                    subprocess.run(["umount", "-l", mount.split()[1]], capture_output=True)
     if args.markdown:
         print("| case | exit | stderr (first line) | check |\n|---|---|---|---|")
         for name, status, line, check in rows:

@@ -22,11 +22,23 @@ from aiayn.files.data import read_parallel
 from aiayn.model.transformer import Transformer
 from aiayn.files.tokenizer import Tokenizer
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest-xdist worker per core: one thread each (and for the commands the
+    # tests start), or the workers' OpenMP threads fight over the cores and all of them crawl.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 MULTI30K = Path(os.environ.get("AIAYN_DATA") or ROOT.parent / "shared" / "data" / "multi30k").resolve()
 TINY_CORPUS = ROOT / "tests" / "data"
 TINY_VOCAB_SIZE = 300
 TINY_TRAIN_PAIRS = 300  # the tokenizer's (and the brief training runs') share of the corpus
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """The slow tests first, so that with one worker per core (`make test`) the longest start at
+    once and the many short ones fill the other workers around them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def tiny_pairs():

@@ -197,3 +197,11 @@ def test_translate_alignment_follows_each_hypothesis_and_keeps_empty_lines(trans
     assert translator.align(SOURCES, ["a", "b c", "", "d", "e"])[2:4] == ["", ""]
     with pytest.raises(ValueError, match="alignment layer 5 out of range"):
         translator.align(SOURCES, SOURCES, layer=5)
+
+
+def test_a_bad_alignment_layer_is_refused_before_the_input_is_read(model_dir, tmp_path, capsys):
+    # The input does not exist: the layer's error comes first, so nothing was read or translated.
+    assert main(["translate", "--model", str(model_dir), "--alignment", "--alignment-layer", "99",
+                 "--input", str(tmp_path / "missing.de"), "--precision", "fp32"]) == 2
+    assert capsys.readouterr().err.strip().endswith("error: alignment layer 99 out of range: the model has "
+                                                    "2 decoder layers")

@@ -1,6 +1,9 @@
-"""Allocator settings for CPU work: keep freed memory in the process (glibc malloc).
+"""Allocator settings for CPU work: keep freed memory in the process (glibc malloc); and what a
+failed allocation looks like.
 
-Called by `aiayn.inference.prepare` and `aiayn.training.loop.fit` on the CPU (process-wide, once).
+`retain_freed_memory` is called by `aiayn.inference.prepare` and `aiayn.training.loop.fit` on the
+CPU (process-wide, once). `allocation_failure` is read by the command line and the server, which
+turn a failed allocation into one line / one 503 that says what to send or set smaller.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import re
 import sys
 
 # glibc mallopt parameters (malloc.h)
@@ -56,4 +60,28 @@ def retain_freed_memory() -> bool:
     return _retained
 
 
-__all__ = ["OPT_OUT_VARIABLES", "applicable", "retain_freed_memory"]
+# PyTorch's words for a failed allocation: the CPU allocator ("DefaultCPUAllocator: can't allocate
+# memory: you tried to allocate 123 bytes") and CUDA's ("CUDA out of memory. Tried to allocate
+# 2.00 GiB"); the first is a RuntimeError, the second torch.OutOfMemoryError.
+_TRIED_BYTES = re.compile(r"tried to allocate (\d+) bytes", re.IGNORECASE)
+_TRIED_UNITS = re.compile(r"tried to allocate ([\d.]+) ([KMGT]i?B)", re.IGNORECASE)
+_UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def allocation_failure(error: BaseException) -> int | None:
+    """For an error that is a failed allocation: the bytes it tried to allocate (0 where it does
+    not say); None for any other error."""
+    text = str(error)
+    failed = isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+    )
+    if not failed:
+        return None
+    if found := _TRIED_BYTES.search(text):
+        return int(found.group(1))
+    if found := _TRIED_UNITS.search(text):
+        return int(float(found.group(1)) * _UNITS[found.group(2)[0].lower()])
+    return 0
+
+
+__all__ = ["OPT_OUT_VARIABLES", "allocation_failure", "applicable", "retain_freed_memory"]

@@ -15,6 +15,8 @@ import warnings
 from collections.abc import Sequence
 
 from aiayn import __version__
+from aiayn.allocator import allocation_failure
+from aiayn.files.atomic import write_output
 from aiayn.config import CTRANSLATE2_QUANTIZATIONS, EXPORT_TARGETS, PRECISIONS, TRAIN_PRECISIONS, DecodeConfig
 
 # --- train -----------------------------------------------------------------------------------
@@ -182,8 +184,7 @@ def _run_explain(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(format_walk(explanation, args.kind, args.layer, args.head, decimals=args.decimals))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(walk_json(explanation, args.kind, args.layer, args.head), handle)
+        write_output(args.json, json.dumps(walk_json(explanation, args.kind, args.layer, args.head)).encode("utf-8"))
         print(args.json, file=sys.stderr if not args.quiet else sys.stdout)
     if args.html:
         write_html(explanation, args.html)
@@ -292,6 +293,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         ("--max-texts", "max_texts", int, "sentences per /translate request"),
         ("--max-attention-chars", "max_attention_chars", int, "characters of an /attention sentence"),
         ("--max-attention-weights", "max_attention_weights", int, "numbers in an /attention response"),
+        ("--max-request-mb", "max_request_mb", int, "MB one /translate request's decoding may hold (413 above)"),
     ):
         limits.add_argument(flag, dest=field, type=kind, default=getattr(defaults, field),
                             help=f"{text} (default {getattr(defaults, field):g})")
@@ -383,8 +385,7 @@ def _write_lines(lines: list[str], path: str | None) -> None:
     """`lines`, one per line, to the file `path` (checked before the work by `_check_output`) or stdout."""
     text = "".join(line + "\n" for line in lines)
     if path:
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        write_output(path, text.encode("utf-8"))
     else:
         sys.stdout.write(text)
 
@@ -459,6 +460,8 @@ def _run_translate(args: argparse.Namespace) -> int:
 
         prefixes = read_lines(args.prefix)
     translator = _load_translator(args)
+    if args.alignment:
+        translator.alignment_layer(args.alignment_layer)
     lines = _read_input_lines(args.input)
     if prefixes is not None and len(prefixes) != len(lines):
         raise ValueError(f"--prefix {args.prefix} has {len(prefixes)} lines but the input has {len(lines)}")
@@ -562,8 +565,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             sources, _decode_config(args), batch_tokens=args.batch_tokens, progress=True,
         )
         if args.save_hyp:
-            with open(args.save_hyp, "w", encoding="utf-8") as handle:
-                handle.write("".join(line + "\n" for line in hypotheses))
+            _write_lines(hypotheses, args.save_hyp)
     scores = score(hypotheses, references, lowercase=args.lowercase)
     print(json.dumps(scores, indent=2) if args.json else format_scores(scores))
     return 0
@@ -676,19 +678,33 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"aiayn {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, KeyError, RuntimeError, ImportError) as error:
+    except (ValueError, OSError, KeyError, RuntimeError, ImportError, MemoryError) as error:
         # DataError is a ValueError; missing files are OSErrors; a missing optional extra is an
         # ImportError whose message says what to install. One line, no traceback.
-        print(f"aiayn {args.command}: error: {_one_line(error)}", file=sys.stderr)
-        return 2
-    except MemoryError:
-        print(f"aiayn {args.command}: error: out of memory (a smaller --batch-tokens, a smaller model or "
-              "smaller input files may fit)", file=sys.stderr)
+        tried = allocation_failure(error)
+        message = _one_line(error) if tried is None else _out_of_memory(args, tried)
+        print(f"aiayn {args.command}: error: {message}", file=sys.stderr)
         return 2
     except Exception as error:  # noqa: BLE001 - a defect of aiayn: still one line, and how to see more
         print(f"aiayn {args.command}: internal error: {type(error).__name__}: {_one_line(error)} "
               "(AIAYN_DEBUG=1 shows the traceback; please report it)", file=sys.stderr)
         return 1
+
+
+def _out_of_memory(args: argparse.Namespace, tried: int) -> str:
+    """What a failed allocation tried and which option makes the next try smaller."""
+    what = f"an allocation of {tried / 2**20:,.0f} MiB failed" if tried else "an allocation failed"
+    batch = getattr(args, "batch_tokens", None)
+    now = f" (now {batch})" if batch else ""
+    if args.command == "train":
+        advice = (f"lower --batch-tokens{now}, with --accumulate N to keep the tokens per update, "
+                  "or train a smaller model")
+    elif hasattr(args, "batch_tokens"):
+        beam = getattr(args, "beam", None)
+        advice = f"lower --batch-tokens{now}" + (f" or --beam (now {beam})" if beam and beam > 1 else "")
+    else:
+        advice = "give it shorter input or more memory"
+    return f"out of memory: {what}; {advice}"
 
 
 def _one_line(error: BaseException) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from aiayn.files.atomic import write_output
 from aiayn.model.attention import MultiHeadAttention, causal_mask
 
 KINDS = ("encoder", "decoder", "cross")
@@ -536,9 +537,7 @@ renderExplanation(document.getElementById("explain"),
                   JSON.parse(document.getElementById("explain-data").textContent));</script>
 </body></html>
 """
-    from pathlib import Path
-
-    Path(path).write_text(page, encoding="utf-8")
+    write_output(path, page.encode("utf-8"))
 
 
 EXPLAIN_CSS = "body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }"  # tables: explain.js

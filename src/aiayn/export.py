@@ -370,25 +370,26 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise FileNotFoundError(f"--out {out}: the directory {out.parent} does not exist")
 
 
-def _publish_directory(out: Path, write: Callable[[Path], None]) -> Path:
-    """Write into a temporary directory beside `out`, then swap it in: a failed export leaves
-    `out` as it was."""
-    from aiayn.files.atomic import publish
+def _publish_directory(out: Path, write: Callable[[Path], None], needed: int) -> Path:
+    """Write into a temporary directory beside `out` (about `needed` bytes), then swap it in: a
+    failed export leaves `out` as it was."""
+    from aiayn.files.atomic import publish, reporting_full_disk
     from aiayn.files.checkpoint import _remove_tree
 
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp_{out.name}."))
     old = None
-    try:
-        write(tmp)
-        if out.exists():
-            old = out.parent / f".old_{out.name}.{tmp.name.rsplit('.', 1)[-1]}"
-            out.rename(old)
-        publish(tmp, out, mode=0o777)
-    except BaseException:
-        _remove_tree(tmp)
-        if old is not None and not out.exists():
-            old.rename(out)
-        raise
+    with reporting_full_disk(out, needed):
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp_{out.name}."))
+        try:
+            write(tmp)
+            if out.exists():
+                old = out.parent / f".old_{out.name}.{tmp.name.rsplit('.', 1)[-1]}"
+                out.rename(old)
+            publish(tmp, out, mode=0o777)
+        except BaseException:
+            _remove_tree(tmp)
+            if old is not None and not out.exists():
+                old.rename(out)
+            raise
     if old is not None:
         _remove_tree(old)
     return out
@@ -424,9 +425,11 @@ def export(model_dir: str | Path, target: str, out: str | Path, *, quantization:
     _check_out(out, overwrite)
     _require("transformers" if target == "marian" else "ctranslate2")
     model, tokenizer, info = load_model(model_dir)
+    needed = sum(p.numel() * p.element_size() for p in model.parameters())  # float32 weights
     if target == "marian":
-        return _publish_directory(out, lambda tmp: _write_marian(model, tokenizer, info, decode or DecodeConfig(), tmp))
-    return _publish_directory(out, lambda tmp: _write_ctranslate2(model, tokenizer, quantization, tmp))
+        return _publish_directory(out, lambda tmp: _write_marian(model, tokenizer, info, decode or DecodeConfig(), tmp),
+                                  needed)
+    return _publish_directory(out, lambda tmp: _write_ctranslate2(model, tokenizer, quantization, tmp), needed)
 
 
 __all__ = [

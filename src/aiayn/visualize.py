@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from aiayn.files.atomic import atomic_write_bytes
+
 if TYPE_CHECKING:  # the translator is only needed for type hints
     from aiayn.decoding.translator import AttentionResult
 
@@ -225,7 +227,7 @@ def _draw_grid(
         figure.colorbar(image, ax=axes.ravel().tolist(), label="attention weight", shrink=0.9)
         if title:
             figure.suptitle(_wrap_to_width(title, figure), parse_math=False)
-        figure.savefig(out, dpi=dpi, format="png")
+        _save_png(figure, out, dpi)
     return out
 
 
@@ -417,7 +419,7 @@ def plot_positional_encoding(
             figure.colorbar(image, ax=sim_ax)
         if title:
             figure.suptitle(_wrap_to_width(title, figure), parse_math=False)
-        figure.savefig(out, dpi=dpi, format="png")
+        _save_png(figure, out, dpi)
     return out
 
 
@@ -457,7 +459,7 @@ def plot_position_bias(bias: Tensor, *, out: str | Path, title: str | None = Non
         figure.colorbar(image, ax=axes, label="bias added to the score")
         if title:
             figure.suptitle(_wrap_to_width(title, figure), parse_math=False)
-        figure.savefig(out, dpi=dpi, format="png")
+        _save_png(figure, out, dpi)
     return out
 
 
@@ -465,6 +467,15 @@ __all__ = [
     "KINDS", "attention_figsize", "font_families", "plot_attention", "plot_attention_result",
     "plot_position_bias", "plot_positional_encoding", "position_similarity", "require_matplotlib",
 ]
+
+
+def _save_png(figure, path: str | Path, dpi: float | None = None) -> None:
+    """Render `figure` to PNG in memory, then write it whole (a full disk: one DiskFullError)."""
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=dpi if dpi is not None else figure.dpi, format="png")
+    atomic_write_bytes(Path(path), buffer.getvalue())
 
 
 def plot_curves(log_path: str | Path, png_path: str | Path) -> Path | None:
@@ -495,5 +506,5 @@ def plot_curves(log_path: str | Path, png_path: str | Path) -> Path | None:
         ax_loss.legend()
         ax_bleu.plot([r[axis] for r in bleu], [r["valid_bleu"] for r in bleu], "o-", color="tab:green")
         ax_bleu.set(xlabel=ax_loss.get_xlabel(), ylabel="validation BLEU")
-        figure.savefig(png_path, format="png")
+        _save_png(figure, png_path)
     return png_path

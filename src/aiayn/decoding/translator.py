@@ -189,19 +189,21 @@ class Translator:
 
             progress_bar = tqdm(total=len(sentences), unit="sent", file=sys.stderr, dynamic_ncols=True)
             progress_bar.update(len(sentences) - len(sources))
-        for batch, src_tokens in self._batches(sources, batch_tokens):
-            prefix = None if prefix_ids is None else [prefix_ids[i] for i in batch]
-            seeds = [_sentence_seed(decode.seed, sentences[i]) for i in batch] if decode.sampling else None
-            with torch.inference_mode():
-                search = strategy(decode, step=self.step, seeds=seeds)
-                hypotheses = generate(self.model, src_tokens, decode, search, prefix=prefix)
-            for i, hyps in zip(batch, hypotheses):
-                texts = self.tokenizer.decode_batch([h.tokens for h in hyps])
-                results[i] = [(text, h.score) for text, h in zip(texts, hyps)]
+        try:
+            for batch, src_tokens in self._batches(sources, batch_tokens):
+                prefix = None if prefix_ids is None else [prefix_ids[i] for i in batch]
+                seeds = [_sentence_seed(decode.seed, sentences[i]) for i in batch] if decode.sampling else None
+                with torch.inference_mode():
+                    search = strategy(decode, step=self.step, seeds=seeds)
+                    hypotheses = generate(self.model, src_tokens, decode, search, prefix=prefix)
+                for i, hyps in zip(batch, hypotheses):
+                    texts = self.tokenizer.decode_batch([h.tokens for h in hyps])
+                    results[i] = [(text, h.score) for text, h in zip(texts, hyps)]
+                if progress_bar is not None:
+                    progress_bar.update(len(batch))
+        finally:  # closed before an error is printed, so that the error gets its own line
             if progress_bar is not None:
-                progress_bar.update(len(batch))
-        if progress_bar is not None:
-            progress_bar.close()
+                progress_bar.close()
         if decode.nbest > 1 or return_scores:
             return results
         return [entries[0][0] for entries in results]
@@ -262,6 +264,15 @@ class Translator:
                 results[i] = values
         return results
 
+    def alignment_layer(self, layer: int | None = None) -> int:
+        """The decoder layer `align` reads: `layer`, or the penultimate (or only) one. Raises
+        ValueError for a layer out of range (callers check it before translating)."""
+        layers = self.model.config.n_decoder_layers
+        layer = max(layers - 2, 0) if layer is None else layer
+        if not -layers <= layer < layers:
+            raise ValueError(f"alignment layer {layer} out of range: the model has {layers} decoder layers")
+        return layer
+
     def align(self, sources: list[str], translations: list[str], *, layer: int | None = None,
               batch_tokens: int = 4096) -> list[str]:
         """Word alignments (Pharaoh "i-j", `aiayn.decoding.alignment`) of each source with its translation,
@@ -275,10 +286,7 @@ class Translator:
 
         if len(sources) != len(translations):
             raise ValueError(f"{len(sources)} sources but {len(translations)} translations")
-        layers = self.model.config.n_decoder_layers
-        layer = max(layers - 2, 0) if layer is None else layer
-        if not -layers <= layer < layers:
-            raise ValueError(f"alignment layer {layer} out of range: the model has {layers} decoder layers")
+        layer = self.alignment_layer(layer)
         encoded = self._encode_sources(sources)
         limit = self.model.config.max_positions - 1
         target_ids = {i: self.tokenizer.encode(translations[i])[:limit] for i in encoded if translations[i].strip()}

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from aiayn.files.atomic import atomic_write_bytes, publish
+from aiayn.files.atomic import atomic_write_bytes, publish, reporting_full_disk
 from aiayn.config import ModelConfig
 from aiayn.model.transformer import Transformer
 from aiayn.files.tokenizer import Tokenizer
@@ -30,16 +30,28 @@ CONFIG_FILE = "config.json"
 # --- model directories -----------------------------------------------------------------------
 
 
+def _tensor_bytes(value: Any) -> int:
+    """The bytes of the tensors in `value` (nested dicts / lists): about what saving it writes."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
 def _atomic_save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata=metadata)
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with reporting_full_disk(path, _tensor_bytes(state)):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata=metadata)
+            publish(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def remove_leftovers(directory: str | Path) -> list[str]:
@@ -64,11 +76,18 @@ def save_model(
     """Write a self-contained model directory: weights, config.json (model config + `info`,
     e.g. languages) and the tokenizer. Each file is replaced atomically."""
     directory = Path(directory)
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_save_weights(_unwrap(model).state_dict(), directory / WEIGHTS_FILE, {"format_version": str(FORMAT_VERSION)})
-    tokenizer.save(directory)
-    config = {"format_version": FORMAT_VERSION, "model": _unwrap(model).config.to_dict(), "info": info or {}}
-    atomic_write_bytes(directory / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True).encode())
+    try:
+        _atomic_save_weights(_unwrap(model).state_dict(), directory / WEIGHTS_FILE,
+                             {"format_version": str(FORMAT_VERSION)})
+        tokenizer.save(directory)
+        config = {"format_version": FORMAT_VERSION, "model": _unwrap(model).config.to_dict(), "info": info or {}}
+        atomic_write_bytes(directory / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True).encode())
+    except BaseException:
+        if created:  # a directory this call made holds no half model
+            _remove_tree(directory)
+        raise
     return directory
 
 
@@ -214,22 +233,26 @@ def save_checkpoint(run_dir: str | Path, model: Transformer, state: dict[str, An
     root = run_dir / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{state['step']:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp_"))
-    try:
-        metadata = {"format_version": str(FORMAT_VERSION), "step": str(state["step"])}
-        if state.get("run_id"):
-            metadata["run_id"] = str(state["run_id"])
-        save_file({k: v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()},
-                  str(tmp / WEIGHTS_FILE), metadata=metadata)
-        torch.save(state, tmp / STATE_FILE)
-        if final.exists():  # the same step saved again (e.g. at the end of a run): replace it
-            old = root / f".old_{final.name}"
-            os.replace(final, old)
-            _remove_tree(old)
-        publish(tmp, final, mode=0o777)
-    except BaseException:
-        _remove_tree(tmp)
-        raise
+    weights = {k: v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()}
+    with reporting_full_disk(final, _tensor_bytes(weights) + _tensor_bytes(state)):
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp_"))
+        try:
+            metadata = {"format_version": str(FORMAT_VERSION), "step": str(state["step"])}
+            if state.get("run_id"):
+                metadata["run_id"] = str(state["run_id"])
+            save_file(weights, str(tmp / WEIGHTS_FILE), metadata=metadata)
+            # Through a file object: PyTorch's writer then raises the OSError of a full disk,
+            # where given a path it says only "unexpected pos".
+            with open(tmp / STATE_FILE, "wb") as handle:
+                torch.save(state, handle)
+            if final.exists():  # the same step saved again (e.g. at the end of a run): replace it
+                old = root / f".old_{final.name}"
+                os.replace(final, old)
+                _remove_tree(old)
+            publish(tmp, final, mode=0o777)
+        except BaseException:
+            _remove_tree(tmp)
+            raise
     for stale in checkpoint_paths(run_dir)[:-keep_last]:
         _remove_tree(stale)
     return final

@@ -14,9 +14,10 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse
 
+from aiayn.allocator import allocation_failure
 from aiayn.config import SERVER_MAX_BEAM_SIZE, DecodeConfig
 from aiayn.serve.http import client_gone, one_line
-from aiayn.serve.limits import RETRY_AFTER_S, ServerLimits, attention_weights
+from aiayn.serve.limits import RETRY_AFTER_S, ServerLimits, attention_weights, decoding_bytes
 from aiayn.serve.schemas import (
     AttentionRequest,
     AttentionResponse,
@@ -78,6 +79,9 @@ class Gate:
                 raise self.busy(f"the request waited over {timeout_s:g} s for the model")
             if isinstance(error, RequestRefused):
                 raise HTTPException(422, str(error))
+            if allocation_failure(error) is not None:  # the server lives on; this work does not fit
+                raise HTTPException(503, f"not enough memory for this request ({what}): send fewer or shorter "
+                                         "sentences or a smaller beam", headers={"Retry-After": str(RETRY_AFTER_S)})
             raise HTTPException(500, f"{what} failed: {one_line(error)}")
         never_started = self.worker.cancel(job)  # before result.cancel(), which would cancel it uncounted
         result.cancel()
@@ -86,6 +90,18 @@ class Gate:
         if never_started:
             raise self.busy(f"the request waited over {timeout_s:g} s for the model")
         raise HTTPException(504, f"{what} took longer than the {timeout_s:g} s limit")
+
+
+def check_memory(translator: Any, texts: list[str], settings: DecodeConfig, max_mb: int) -> None:
+    """413 for a request whose decoding would hold more than `max_mb` (`decoding_bytes`)."""
+    lengths = [len(ids) for ids in translator.tokenizer.encode_batch(texts)]
+    rows = settings.nbest if settings.sampling else max(settings.beam_size, settings.nbest)
+    needed = decoding_bytes(translator.model.config, lengths, rows, settings.max_len_a, settings.max_len_b,
+                            sampling=settings.sampling)
+    if needed > max_mb * 2**20:
+        raise HTTPException(413, f"this request's decoding would hold about {needed / 2**20:,.0f} MB ({len(texts)} "
+                                 f"sentences, the longest {max(lengths)} pieces, {rows} beams or samples each); "
+                                 f"the limit is {max_mb} MB: send fewer or shorter sentences or a smaller beam")
 
 
 def add_translate_route(app: FastAPI, gate: Gate, translator: Any) -> None:
@@ -106,6 +122,7 @@ def add_translate_route(app: FastAPI, gate: Gate, translator: Any) -> None:
         settings = DecodeConfig(beam_size=body.beam_size, nbest=body.nbest, length_penalty=body.length_penalty,
                                 sampling_topk=body.sampling_topk, sampling_topp=body.sampling_topp,
                                 temperature=body.temperature, seed=body.seed)
+        check_memory(translator, texts, settings, limits.max_request_mb)
         job = gate.enqueue(worker.submit_translate, texts, settings)
         results = await gate.answer(job, "translation", request)
         response: dict[str, Any] = {"translations": [hypotheses[0][0] for hypotheses in results]}

@@ -14,6 +14,8 @@ import threading
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ import torch
 
 from aiayn import hardware
 from aiayn.allocator import retain_freed_memory
-from aiayn.files.atomic import atomic_write_bytes
+from aiayn.files.atomic import DiskFullError, atomic_write_bytes, reporting_full_disk
 from aiayn.files.checkpoint import (
     _unwrap,
     checkpoint_paths,
@@ -207,7 +209,10 @@ class _RunLog:
     """log.jsonl (main process only), the progress bar and the lines printed above it."""
 
     def __init__(self, run: _Run, *, progress: bool) -> None:
-        self.file = open(run.out_dir / "log.jsonl", "a", encoding="utf-8") if run.is_main else None  # noqa: SIM115
+        # Unbuffered: a record is one write, so a full disk fails that record's write alone (a torn
+        # last line is dropped on resume) and closing has nothing left to flush.
+        self.path = run.out_dir / "log.jsonl"
+        self.file = open(self.path, "ab", buffering=0) if run.is_main else None  # noqa: SIM115
         self.bar = None
         if run.is_main and progress:
             from tqdm import tqdm
@@ -216,8 +221,11 @@ class _RunLog:
 
     def record(self, record: dict[str, Any]) -> None:
         if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            line = (json.dumps(record) + "\n").encode()
+            with reporting_full_disk(self.path, len(line)):
+                rest = memoryview(line)
+                while rest:  # a raw write may be short; the next one raises the error
+                    rest = rest[self.file.write(rest):]
 
     def say(self, message: str) -> None:
         if self.bar is not None:
@@ -263,22 +271,38 @@ def fit(
     Raises:
         TrainingDiverged: the loss became NaN / inf (the last good checkpoint is kept).
         FileNotFoundError: `resume` without a checkpoint in `out_dir`.
+        DiskFullError: a write found no space; the message names the file and the newest complete
+            checkpoint, from which --resume continues once there is space.
     """
-    run = _set_up(model, tokenizer, train_corpus, config, Path(out_dir), info or {}, valid_corpus, valid_references)
-    _start_or_resume(run, resume)
-    run.config = _resolve_precision(run, train_corpus)
-    budget = _estimate_budget(run, train_corpus)
-    log = _RunLog(run, progress=progress)
-    stop_request = _StopRequest()
+    with _saying_where_to_resume(Path(out_dir)):
+        run = _set_up(model, tokenizer, train_corpus, config, Path(out_dir), info or {}, valid_corpus,
+                      valid_references)
+        _start_or_resume(run, resume)
+        run.config = _resolve_precision(run, train_corpus)
+        budget = _estimate_budget(run, train_corpus)
+        log = _RunLog(run, progress=progress)
+        stop_request = _StopRequest()
+        try:
+            stop_request.install()
+            total_tokens = _train_until_stopped(run, budget, log, stop_request)
+            _validate_and_log(run, log)
+            _checkpoint(run)
+        finally:
+            stop_request.restore()
+            log.close()
+        return _finish(run, total_tokens)
+
+
+@contextmanager
+def _saying_where_to_resume(out_dir: Path) -> Iterator[None]:
+    """A full disk's error, with where the run can go on from once there is space."""
     try:
-        stop_request.install()
-        total_tokens = _train_until_stopped(run, budget, log, stop_request)
-        _validate_and_log(run, log)
-        _checkpoint(run)
-    finally:
-        stop_request.restore()
-        log.close()
-    return _finish(run, total_tokens)
+        yield
+    except DiskFullError as error:
+        last = checkpoint_paths(out_dir)
+        hint = (f"the newest complete checkpoint is {last[-1]}: --resume continues from it" if last
+                else "no checkpoint was written yet: run again with --overwrite once there is space")
+        raise DiskFullError(error.errno, f"{error.strerror}; {hint}") from None
 
 
 def _set_up(model, tokenizer, train_corpus, config, out_dir: Path, info, valid_corpus, valid_references) -> _Run:
