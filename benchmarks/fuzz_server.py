@@ -88,7 +88,7 @@ def _fuzz_mode(schema: Any, mode: str, url: str, session: Any, examples: int, se
         statuses[f"{case.method} {case.path} {response.status_code}"] += 1
         problem = problem_with(response)
         if problem is not None:
-            problems.append(f"{mode} {case.method} {case.path} {json.dumps(case.body, default=str)[:200]}: {problem}")
+            problems.append(f"{mode} {case.method} {case.path} {json.dumps(case.body, default=str)[:4000]}: {problem}")
 
     send()
 

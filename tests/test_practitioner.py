@@ -148,6 +148,14 @@ def test_sampling_is_reproducible_and_batching_never_changes_a_sample(translator
     assert len({t for entries in texts for t in entries}) > 3  # temperature 1.5: samples differ
 
 
+def test_a_vanishing_temperature_is_the_most_probable_token_not_nan():
+    log_probs = torch.log_softmax(torch.tensor([[0.3, 2.0, -1.0, 1.9]]), dim=-1)
+    for temperature in (5e-324, 1e-300, 1e-5):
+        assert filter_distribution(log_probs, temperature=temperature).tolist() == [[0.0, 1.0, 0.0, 0.0]]
+    assert torch.allclose(filter_distribution(log_probs, temperature=2.0).float(),
+                          torch.softmax(log_probs / 2.0, dim=-1))
+
+
 def test_a_tiny_nucleus_is_greedy_search(translator):
     src = _sources(translator, [s for s in SOURCES if s])
     greedy = beam_search(translator.model, src, beam_size=1, max_len_b=10, length_penalty=0.0)

@@ -476,7 +476,11 @@ def filter_distribution(log_probs: Tensor, *, topk: int = 0, topp: float = 1.0, 
     most probable tokens (0 = all) and then to the smallest set whose probability reaches `topp`
     (nucleus sampling, Holtzman et al. 2020), renormalised. [N, V] -> probabilities [N, V] float64.
     Ties at the cut keep the lower token ids (a stable sort), so the result is deterministic."""
-    probs = torch.softmax(log_probs.double() / temperature, dim=-1)  # [N, V]
+    scores = log_probs.double()
+    # Shifted to a maximum of 0 before the division: a tiny temperature (5e-324) then gives 0 for
+    # the best token and -inf for the rest (greedy, its limit) instead of inf - inf = NaN.
+    top = scores.amax(dim=-1, keepdim=True)
+    probs = torch.softmax((scores - torch.where(torch.isfinite(top), top, 0.0)) / temperature, dim=-1)  # [N, V]
     order = torch.sort(probs, dim=-1, descending=True, stable=True)
     sorted_probs = order.values
     keep = torch.ones_like(sorted_probs, dtype=torch.bool)
