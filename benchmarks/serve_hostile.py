@@ -29,6 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -63,6 +66,43 @@ def start_server(model_dir: Path, port: int, log: Path) -> subprocess.Popen:
     with log.open("w") as stderr:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
     return wait_until_healthy(process, port, log.read_text)
+
+
+@dataclass
+class Target:
+    """A running `aiayn serve` and the reference answers of its sentences (see `serving`)."""
+
+    base_url: str
+    pid: int
+    sentences: list[str]
+    answers: dict[tuple[str, int], str]
+    server_log: str = ""  # read once the server has stopped
+
+
+@contextmanager
+def serving(model: Path | None, count: int) -> Iterator[Target]:
+    """`aiayn serve` on `model` (default: an untrained tiny model) with the reference answers of
+    `count` distinct sentences; stopped on exit, its stderr then in `server_log`."""
+    with tempfile.TemporaryDirectory() as scratch:
+        if model is None:
+            model_dir = Path(scratch) / "tiny"
+            pool = [s for s in build_tiny_model(model_dir) if s.strip()]
+        else:
+            model_dir, pool = model, load_sentences()
+        sentences = list(dict.fromkeys(pool))[:count]
+        port, log = free_port(), Path(scratch) / "server.log"
+        server = start_server(model_dir, port, log)
+        try:
+            base_url = f"http://127.0.0.1:{port}"
+            started = time.perf_counter()
+            answers = reference_answers(base_url, sentences)
+            print(f"{len(answers)} reference answers in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+            target = Target(base_url, server.pid, sentences, answers)
+            yield target
+        finally:
+            server.terminate()
+            server.wait(30)
+        target.server_log = log.read_text()
 
 
 def reference_answers(base_url: str, sentences: list[str]) -> dict[tuple[str, int], str]:
@@ -216,25 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory() as scratch:
-        if args.model is None:
-            model_dir = Path(scratch) / "tiny"
-            pool = [s for s in build_tiny_model(model_dir) if s.strip()]
-        else:
-            model_dir, pool = args.model, load_sentences()
-        sentences = list(dict.fromkeys(pool))[: args.sentences]
-        port, log = free_port(), Path(scratch) / "server.log"
-        server = start_server(model_dir, port, log)
-        try:
-            base_url = f"http://127.0.0.1:{port}"
-            started = time.perf_counter()
-            answers = reference_answers(base_url, sentences)
-            print(f"{len(answers)} reference answers in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-            row = asyncio.run(run_hostile(base_url, sentences, answers, args.clients, args.seconds, args.seed))
-        finally:
-            server.terminate()
-            server.wait(30)
-        server_log = log.read_text()
+    with serving(args.model, args.sentences) as target:
+        row = asyncio.run(run_hostile(target.base_url, target.sentences, target.answers, args.clients,
+                                      args.seconds, args.seed))
+    server_log = target.server_log
     row["server_tracebacks"] = server_log.count("Traceback")
     from aiayn import hardware
 

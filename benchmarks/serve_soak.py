@@ -21,12 +21,10 @@ import asyncio
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.serve_hostile import reference_answers, run_hostile, start_server
-from benchmarks.serve_load import build_tiny_model, free_port, load_sentences
+from benchmarks.serve_hostile import run_hostile, serving
 
 
 def resident_mb(pid: int) -> float:
@@ -85,24 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory() as scratch:
-        if args.model is None:
-            model_dir = Path(scratch) / "tiny"
-            pool = [s for s in build_tiny_model(model_dir) if s.strip()]
-        else:
-            model_dir, pool = args.model, load_sentences()
-        sentences = list(dict.fromkeys(pool))[: args.sentences]
-        port, log = free_port(), Path(scratch) / "server.log"
-        server = start_server(model_dir, port, log)
-        try:
-            base_url = f"http://127.0.0.1:{port}"
-            answers = reference_answers(base_url, sentences)
-            rows = soak(base_url, server.pid, sentences, answers, clients=args.clients, minutes=args.minutes,
-                        window_s=args.window, seed=args.seed)
-        finally:
-            server.terminate()
-            server.wait(30)
-        tracebacks = log.read_text().count("Traceback")
+    with serving(args.model, args.sentences) as target:
+        rows = soak(target.base_url, target.pid, target.sentences, target.answers, clients=args.clients,
+                    minutes=args.minutes, window_s=args.window, seed=args.seed)
+    tracebacks = target.server_log.count("Traceback")
     limit = bounds(rows, args.window, args.rss_slack_mb, args.fd_slack)
     later = rows[max(2, round(60 / args.window)):]
     grew = [row for row in later if row["rss_mb"] > limit["rss_bound_mb"] or row["fds"] > limit["fd_bound"]]
