@@ -450,3 +450,15 @@ def test_a_distributed_run_sets_a_collective_timeout(monkeypatch):
     assert distributed_context("cpu", 42) == (1, 2, 0)
     assert seen["timeout"].total_seconds() == 42 and seen["backend"] == "gloo"
     assert TrainConfig().distributed_timeout_s == 300
+
+
+@pytest.mark.slow
+def test_loading_a_model_imports_no_compiler_machinery(tiny_model_dir):
+    """Checking the weights' shapes builds the model on the meta device without its random
+    initialisers, which there would import torch._dynamo: seconds of every command's start-up."""
+    import subprocess
+    import sys
+
+    code = (f"import sys; from aiayn.files.checkpoint import load_model; load_model({str(tiny_model_dir)!r}); "
+            "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"

@@ -441,3 +441,42 @@ def test_nan_scores_give_a_clear_error_not_an_empty_result(model, beam_path, mon
         nan_model.output_projection.weight.fill_(float("nan"))  # every logit NaN
     with pytest.raises(RuntimeError, match="no hypothesis with a finite score for sentence 0"):
         beam_search(nan_model, sources([4, 7], seed=8), beam_size=2)
+
+
+_KERNEL_PROCESS = """
+import sys, torch
+from aiayn.inference import fused_beam_step as f
+assert f.available()
+torch.manual_seed(0)
+scores, logits = torch.randn(2, 4), torch.randn(8, 50)
+got = f.fused_beam_step(scores, logits, None, pad_id=0, bos_id=1, eos_id=2)
+print(int("torch._inductor" in sys.modules), int("torch._dynamo" in sys.modules), f.cached_library().is_file())
+print(" ".join(str(x) for t in got for x in t.flatten().tolist()))
+"""
+
+
+@pytest.mark.slow(seconds=12)
+@NEEDS_FUSED
+def test_a_later_process_loads_the_kept_kernel_without_inductor(tmp_path):
+    """The first process builds through inductor and keeps the library in aiayn's cache; the next
+    one loads it from there, importing neither inductor nor dynamo, and computes the same step."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "AIAYN_CACHE": str(tmp_path / "cache")}
+    runs = [subprocess.run([sys.executable, "-c", _KERNEL_PROCESS], env=env, capture_output=True, text=True,
+                           check=True).stdout.splitlines() for _ in range(2)]
+    assert runs[0][0] == "1 1 True"  # built: inductor imported, library kept
+    assert runs[1][0] == "0 0 True"  # loaded from the cache
+    assert runs[0][1] == runs[1][1]
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_a_damaged_kept_kernel_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIAYN_CACHE", str(tmp_path))
+    path = fused_beam_step.cached_library()
+    assert path.parent == tmp_path and path.name.startswith("fused_beam_step-")
+    path.write_bytes(b"not a library")
+    with pytest.raises(ImportError):
+        fused_beam_step._load_library(path)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 from safetensors.torch import load_file, save_file
 
 from aiayn.files.atomic import atomic_write_bytes, publish, reporting_full_disk
@@ -123,9 +124,31 @@ def read_model_config(directory: str | Path) -> tuple[ModelConfig, dict[str, Any
         raise ValueError(f"{path}: {error}") from None
 
 
+class _MetaWithoutReferenceOps(TorchFunctionMode):
+    """The meta device without PyTorch's Python reference ops, whose first call imports
+    torch._dynamo (seconds of every command's start-up). Only shapes matter here, so random
+    initialisers return their tensor and random factories an empty one; `arange` (the positional
+    tables' factory without a C++ meta kernel) runs on the CPU, and what is computed from it there
+    (a table of positions x d_model) is copied into a meta tensor, that is, dropped. Per thread.
+    The learned and relative encodings still do meta arithmetic (their tables are scaled random
+    parameters), so loading them pays that import once; the paper's sinusoids, RoPE, ALiBi and
+    none do not."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in ("normal_", "uniform_", "trunc_normal_"):
+            return args[0] if args else kwargs["tensor"]
+        if func in (torch.randn, torch.rand):
+            return torch.empty(*args, **{k: v for k, v in kwargs.items() if k != "generator"})
+        if func is torch.arange:
+            return func(*args, **{**kwargs, "device": "cpu"})
+        return func(*args, **kwargs)
+
+
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape of a Transformer with `config`, without allocating it (meta device)."""
-    with torch.device("meta"):
+    with torch.device("meta"), _MetaWithoutReferenceOps():
         model = Transformer(config)
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 

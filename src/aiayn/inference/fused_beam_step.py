@@ -13,16 +13,25 @@ beam's row that keeps the C best `score + logit - logsumexp` in a small sorted l
 few values above the current C-th best go past one vector compare.
 
 The kernel is compiled on first use by the C++ toolchain that `torch.compile` uses on the CPU
-(inductor's code cache: the same compiler flags and vector ISA, built once per machine and
-cached on disk). Where that fails (no compiler), `available()` is False and the search keeps the
-PyTorch path, `torch.log_softmax` + `beam_step`, which this function is tested to match: same
+(inductor's code cache: the same compiler flags and vector ISA). The built library is then kept
+in aiayn's own cache (`$AIAYN_CACHE`, else `$XDG_CACHE_HOME/aiayn`, else `~/.cache/aiayn`), keyed by
+the source, PyTorch, Python and the CPU's flags, so that later processes load it directly:
+importing inductor alone takes seconds, which every `aiayn translate` would otherwise pay before
+its first sentence. Where building fails (no compiler), `available()` is False and the search
+keeps the PyTorch path, `torch.log_softmax` + `beam_step`, which this function is tested to match: same
 candidates, scores within float32 rounding. Equal scores come out in (beam, token) order.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import logging
+import os
+import platform
+import sys
 import threading
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -153,6 +162,54 @@ _kernel = None
 _failed = False
 
 
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            return next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
+def cached_library() -> Path:
+    """Where the built kernel is kept for later processes. The key covers everything the binary
+    depends on: a library built with AVX-512 must not be loaded on an AVX2 machine sharing the
+    home directory, nor one built against another PyTorch's headers."""
+    key = hashlib.sha256(
+        "\n".join([_SOURCE, repr(_ARGTYPES), torch.__version__, sys.version, platform.machine(), _cpu_flags()])
+        .encode()
+    ).hexdigest()[:20]
+    root = os.environ.get("AIAYN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aiayn"
+    return Path(root) / f"fused_beam_step-{key}.so"
+
+
+def _load_library(path: Path):
+    # What inductor's loader does before importing one of its Python-binding libraries: the
+    # generated argument parser finds a tensor's data pointer through this address.
+    os.environ["_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"] = str(
+        torch._C._dynamo.guards._torchinductor_pyobject_tensor_data_ptr
+    )
+    spec = importlib.util.spec_from_file_location(f"aiayn_fused_beam_step_{path.stem[-20:]}.kernel", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.kernel
+
+
+def _build_and_keep(path: Path):
+    from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+    kernel = CppPythonBindingsCodeCache.load_pybinding(_ARGTYPES, _SOURCE)
+    built = Path(sys.modules[kernel.__module__].__file__) if kernel.__module__ in sys.modules else None
+    try:
+        if built is not None and built.is_file():
+            from aiayn.files.atomic import atomic_write_bytes
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, built.read_bytes(), mode=0o755)
+    except OSError as error:  # a read-only home: later processes build through inductor again
+        log.info("fused beam step not cached at %s: %s", path, error)
+    return kernel
+
+
 def _load():
     """The compiled kernel, or None if it cannot be built here (logged once)."""
     global _kernel, _failed
@@ -160,13 +217,18 @@ def _load():
         return _kernel
     with _lock:
         if _kernel is None and not _failed:
-            try:
-                from torch._inductor.codecache import CppPythonBindingsCodeCache
-
-                _kernel = CppPythonBindingsCodeCache.load_pybinding(_ARGTYPES, _SOURCE)
-            except Exception as error:  # no compiler, or a toolchain this PyTorch cannot drive
-                _failed = True
-                log.warning("fused beam step unavailable, using torch.log_softmax + beam_step: %s", error)
+            path = cached_library()
+            if path.is_file():
+                try:
+                    _kernel = _load_library(path)
+                except (ImportError, OSError, AttributeError) as error:  # damaged or foreign: rebuild
+                    log.info("cached fused beam step %s not loadable (%s); rebuilding", path, error)
+            if _kernel is None:
+                try:
+                    _kernel = _build_and_keep(path)
+                except Exception as error:  # no compiler, or a toolchain this PyTorch cannot drive
+                    _failed = True
+                    log.warning("fused beam step unavailable, using torch.log_softmax + beam_step: %s", error)
     return _kernel
 
 
