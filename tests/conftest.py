@@ -36,9 +36,16 @@ TINY_TRAIN_PAIRS = 300  # the tokenizer's (and the brief training runs') share o
 
 
 def pytest_collection_modifyitems(items: list) -> None:
-    """The slow tests first, so that with one worker per core (`make test`) the longest start at
-    once and the many short ones fill the other workers around them."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The slow tests first, longest first (`@pytest.mark.slow(seconds=...)`: a rough time on a
+    2-core AVX2 machine, an ordering hint only), so that with one worker per core (`make test`) the
+    longest start at once and the many short ones fill the other workers around them. pytest-xdist
+    hands each worker a share of the list up front: a long test late in it waits behind others."""
+
+    def order(item) -> tuple[bool, float]:
+        slow = item.get_closest_marker("slow")
+        return slow is None, -(slow.kwargs.get("seconds", 0) if slow else 0)
+
+    items.sort(key=order)
 
 
 def tiny_pairs():

@@ -34,7 +34,7 @@ print(min(per_step[2:]))
 """
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=16)
 @pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc malloc only")
 def test_retain_freed_memory_stops_page_faults_between_steps():
     env = {k: v for k, v in os.environ.items() if k not in OPT_OUT_VARIABLES}
@@ -49,3 +49,34 @@ def test_retain_freed_memory_stops_page_faults_between_steps():
     # pages; some 20 if the kernel backs it with 2 MB pages), 0 retained.
     assert retained <= 5.0, f"{retained} page faults per step with freed memory retained"
     assert default >= 10.0, f"the pattern should fault under glibc's defaults, got {default} per step"
+
+
+def test_kernel_caches_are_bounded_unless_the_user_chose(monkeypatch):
+    from aiayn.allocator import KERNEL_CACHE_CAPACITY, KERNEL_CACHE_VARIABLES, bound_kernel_caches
+
+    assert KERNEL_CACHE_VARIABLES == ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+    for name in KERNEL_CACHE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "300")  # the user's choice stays
+    assert bound_kernel_caches() == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(KERNEL_CACHE_CAPACITY),
+                                     "LRU_CACHE_CAPACITY": "300"}
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "16"
+
+
+def test_every_command_bounds_the_kernel_caches_before_it_runs(monkeypatch, capsys):
+    from aiayn import cli
+    from aiayn.allocator import KERNEL_CACHE_VARIABLES
+
+    for name in KERNEL_CACHE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    seen = {}
+
+    def handler(args):
+        seen.update({name: os.environ.get(name) for name in KERNEL_CACHE_VARIABLES})
+        return 0
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser.set_defaults(handler=handler, command="test")
+    assert cli.main([]) == 0
+    assert seen == {name: "16" for name in KERNEL_CACHE_VARIABLES}

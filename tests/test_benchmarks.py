@@ -42,6 +42,7 @@ def sources() -> torch.Tensor:
     return src
 
 
+@pytest.mark.slow
 def test_marian_copy_gives_aiayn_logits(model):
     pytest.importorskip("transformers")
     from benchmarks.peers import marian_from_aiayn, marian_logits
@@ -66,6 +67,7 @@ def test_marian_copy_gives_aiayn_logits(model):
     assert (ours - shifted)[keep].abs().max() > 1e-2
 
 
+@pytest.mark.slow
 def test_greedy_is_identical_in_aiayn_marian_and_ctranslate2(model, tmp_path):
     pytest.importorskip("transformers")
     from benchmarks.decoding import _ct2, _hf
@@ -88,7 +90,7 @@ def test_greedy_is_identical_in_aiayn_marian_and_ctranslate2(model, tmp_path):
     assert [x[:cap] for x in ct2] == expected  # CTranslate2 stops at cap + 1 without EOS
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=22)
 def test_smoke_run_writes_json_and_markdown(tmp_path, monkeypatch):
     from benchmarks import run
 
@@ -143,6 +145,7 @@ def test_results_keep_the_latest_run_per_machine_class(tmp_path):
     assert not (tmp_path / "HISTORY.md").exists()  # earlier runs are git's to keep
 
 
+@pytest.mark.slow
 def test_decoding_benchmark_without_native_bf16_or_vnni_runs_only_fast_systems(monkeypatch):
     from test_hardware import AVX2
 

@@ -44,6 +44,7 @@ def base_url(tiny_model_dir: Path):
         yield url
 
 
+@pytest.mark.slow
 def test_page_translates_and_draws_the_cross_attention_heatmap(
     base_url: str, tmp_path: Path
 ) -> None:

@@ -76,6 +76,7 @@ def _train(tokenizer, out: Path, resume: bool = False, **overrides):
     return fit(model, tokenizer, corpus, TrainConfig(**{**values, **overrides}), out, resume=resume, progress=False)
 
 
+@pytest.mark.slow
 def test_training_on_a_full_disk_stops_with_one_line_and_resumes_exactly(small_disk, tiny_tokenizer, tmp_path):
     _train(tiny_tokenizer, tmp_path / "straight")
     steps = checkpoint_paths(tmp_path / "straight")

@@ -169,6 +169,7 @@ def test_cli_explain_writes_json_and_html(tokenizer, tmp_path, capsys):
 CHROMIUM = os.environ.get("AIAYN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
 
+@pytest.mark.slow
 def test_html_page_selectors_switch_matrices_in_chromium(tokenizer, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
     if not Path(CHROMIUM).is_file():

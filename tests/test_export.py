@@ -121,6 +121,7 @@ def test_residual_permutation_turns_the_interleaved_table_into_marians():
     assert not torch.allclose(ours, marian, atol=1e-2)  # the layouts do differ
 
 
+@pytest.mark.slow
 def test_marian_export_computes_the_same_logits(model_dir: Path, marian_dir: Path, corpus):
     from transformers import MarianMTModel
 
@@ -138,6 +139,7 @@ def test_marian_export_computes_the_same_logits(model_dir: Path, marian_dir: Pat
     assert (ours - theirs)[real].abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_marian_tokenizer_gives_aiayn_pieces_without_special_tokens(model_dir: Path, marian_dir: Path, corpus):
     from transformers import MarianTokenizer
 
@@ -149,6 +151,7 @@ def test_marian_tokenizer_gives_aiayn_pieces_without_special_tokens(model_dir: P
     assert hf_tokenizer(sentences).input_ids == [ids + [3] for ids in tokenizer.encode_batch(sentences)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("beam", [1, 4])
 def test_marian_generate_reproduces_aiayn(model_dir: Path, marian_dir: Path, corpus, beam: int):
     """Greedy, and beam 4 without length penalty (alpha = 0 is beta = 0: the one length penalty both
@@ -202,6 +205,7 @@ def test_ctranslate2_export_scores_like_aiayn(tmp_path: Path, corpus, ctranslate
         assert torch.allclose(torch.tensor(result.log_probs), expected, atol=1e-4)
 
 
+@pytest.mark.slow  # model_dir trains for about 6 s
 @pytest.mark.parametrize("beam", [1, 4])
 def test_ctranslate2_translate_batch_reproduces_aiayn(model_dir: Path, tmp_path: Path, corpus, ctranslate2, beam):
     """Greedy, and beam 4 without length penalty, token for token, on SentencePiece pieces (alpha = 0
@@ -219,6 +223,7 @@ def test_ctranslate2_translate_batch_reproduces_aiayn(model_dir: Path, tmp_path:
     assert [[vocabulary[piece] for piece in result.hypotheses[0]] for result in results] == expected
 
 
+@pytest.mark.slow  # model_dir trains for about 6 s
 def test_ctranslate2_int8_export_is_quantized(model_dir: Path, tmp_path: Path, corpus, ctranslate2):
     fp32 = export(model_dir, "ctranslate2", tmp_path / "fp32")
     int8 = export(model_dir, "ctranslate2", tmp_path / "int8", quantization="int8")
@@ -248,6 +253,7 @@ def test_export_refuses_what_the_target_cannot_represent(tmp_path: Path, corpus,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # model_dir trains for about 6 s
 def test_export_refuses_a_non_empty_out_unless_overwrite(model_dir: Path, tmp_path: Path, ctranslate2):
     out = tmp_path / "out"
     out.mkdir()
@@ -263,6 +269,7 @@ def test_export_refuses_a_non_empty_out_unless_overwrite(model_dir: Path, tmp_pa
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
 
 
+@pytest.mark.slow  # model_dir trains for about 6 s
 def test_cli_export(model_dir: Path, tmp_path: Path, capsys):
     pytest.importorskip("transformers", reason="exporting to Marian needs the optional extra aiayn[bench]")
     from transformers import MarianMTModel

@@ -115,6 +115,7 @@ def _cpuinfo_flags() -> set[str]:
     return set()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads /proc/cpuinfo (Linux)")
 def test_detect_reads_the_cpu_not_aten_cpu_capability():
     caps = hardware.detect()

@@ -320,6 +320,7 @@ def test_too_long_input_is_a_clear_error():
         model.encode(random_tokens(1, 300))
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_copy_task():
     """Copying is deterministic, so a model that learned it has ~0 cross-entropy, while one that
     only learned token frequencies stays at ln(60) = 4.09 nats. We require < 0.02 nats (this

@@ -7,7 +7,7 @@ from aiayn import ModelConfig, Transformer
 from aiayn.inference.compile import _traced_with_settings
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=16)
 def test_compiled_step_is_not_specialised_to_a_row_count_equal_to_the_head_count():
     # With duck shaping, dynamo gives 4 decoder rows and 4 heads one symbol and specialises the
     # step to 4 rows (beam 4, one sentence); float32 linear layers of a fixed row count then go to

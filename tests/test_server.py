@@ -158,6 +158,7 @@ def test_attention_with_a_forced_target_matches_the_translator(client, reference
     assert body["cross"] == expected.cross.double().round(decimals=4).tolist()
 
 
+@pytest.mark.slow
 def test_translate_returns_alignments_and_samples_on_request(client, reference) -> None:
     response = client.post("/translate", json={"texts": SENTENCES[:2], "alignment": True, "nbest": 2})
     assert response.status_code == 200, response.text
@@ -380,6 +381,7 @@ def test_model_failure_gives_500_once_then_the_server_recovers(
 # --- micro-batching --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_concurrent_requests_are_answered_correctly_and_merged(base_url, reference) -> None:
     texts = [SENTENCES[i % len(SENTENCES)] + " " * (i // len(SENTENCES)) for i in range(32)]
     expected = {text: reference.translate([text])[0] for text in set(texts)}

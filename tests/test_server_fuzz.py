@@ -6,20 +6,23 @@ import logging
 
 import pytest
 
-pytest.importorskip("schemathesis", reason="the fuzz test needs schemathesis (the dev extra)")
 pytest.importorskip("httpx", reason="the server tests need httpx")
 
 from aiayn.decoding.translator import Translator  # noqa: E402
 from aiayn.serve.app import create_app  # noqa: E402
 from aiayn.serve.http import background_server  # noqa: E402
 from aiayn.serve.limits import ServerLimits  # noqa: E402
-from benchmarks.fuzz_server import MODES, fuzz  # noqa: E402
 
 EXAMPLES = 120  # per mode
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=25)
 def test_generated_requests_to_every_route_get_no_5xx_and_a_named_field(tiny_model_dir, caplog):
+    # Imported here, not at collection: schemathesis and hypothesis take seconds to import, in
+    # every pytest worker, and only this test uses them.
+    pytest.importorskip("schemathesis", reason="the fuzz test needs schemathesis (the dev extra)")
+    from benchmarks.fuzz_server import MODES, fuzz
+
     # Small requests and a generous deadline: an untrained model decodes every beam to the longest
     # output allowed, and a slow machine must not turn that into a 504.
     limits = ServerLimits(max_texts=4, max_chars=80, max_attention_chars=80, request_timeout_s=600)

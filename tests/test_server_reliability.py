@@ -124,6 +124,7 @@ async def post_all(url: str, bodies: list) -> list:
 # --- defect 1: one bad request fails every request batched with it ---------------------------
 
 
+@pytest.mark.slow
 def test_a_request_that_fails_its_batch_fails_alone(translator, reference) -> None:
     def crash_on_poison(sentences, *args, **kwargs):
         if any("POISON" in sentence for sentence in sentences):
@@ -325,6 +326,7 @@ def test_a_request_whose_decoding_would_not_fit_gets_413_before_the_queue(transl
         assert client.post("/translate", json={"text": SENTENCES[0]}).status_code == 200
 
 
+@pytest.mark.slow
 def test_a_computation_past_the_deadline_gets_504(translator) -> None:
     # The computation waits until the answer has come: it is still running when the deadline
     # passes, however fast the machine is (the deadline only has to outlast the worker's pickup).
@@ -374,6 +376,7 @@ def test_worker_skips_jobs_past_their_deadline_and_cancelled_jobs() -> None:
     assert (stats["queued"], stats["max_queued"], stats["cancelled"], stats["expired"]) == (0, 4, 1, 1)
 
 
+@pytest.mark.slow
 def test_idle_slow_and_surplus_connections(translator) -> None:
     limits = ServerLimits(read_timeout_s=0.5, keep_alive_s=1, max_connections=4)
     with background_server(create_app(translator, limits=limits)) as url:
@@ -468,6 +471,7 @@ def test_attention_response_is_bounded_at_the_limit(translator, reference) -> No
     )
 
 
+@pytest.mark.slow
 def test_attention_near_the_default_character_limit_stays_under_1_mb(translator, reference) -> None:
     limits = ServerLimits()
     # Letters the small test vocabulary mostly lacks: one piece per character, refused before

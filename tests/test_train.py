@@ -169,6 +169,7 @@ def test_nan_loss_stops_with_clear_message(tmp_path, corpus, monkeypatch):
     assert [p.name for p in checkpoint_paths(tmp_path)] == ["step_00000003"]
 
 
+@pytest.mark.slow
 def test_validation_writes_bleu_and_keeps_best(tmp_path, corpus):
     tokenizer, train, text = corpus
     config = _config(max_steps=4, eval_every=2, valid_max_sentences=20)
@@ -208,7 +209,7 @@ if dist.is_initialized():
 """
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=20)
 def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path, corpus):
     """2 gloo processes x 1 batch == 1 process accumulating 2 batches (the same global batch)."""
     tokenizer, _, _ = corpus
@@ -243,6 +244,7 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path, c
 # --- command line end to end ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_train_translate_evaluate_end_to_end(tmp_path, capsys):
     """fairseq test_binaries style: train a tiny model from text files, average, translate, score."""
     from aiayn.cli import main

@@ -273,7 +273,7 @@ def test_translate_int8_quantises_linear_layers_and_keeps_alignment(model_dir, t
         not hardware.detect().cpu_vnni,
         reason="int8 needs VNNI (AVX512-VNNI, AVX-VNNI or AMX-INT8); this CPU runs int8 requests in fp32")),
 ])
-@pytest.mark.slow
+@pytest.mark.slow(seconds=270)
 @pytest.mark.skipif(hardware.detect().cpp_compiler is None, reason="torch.compile needs a C++ compiler (g++, clang++)")
 def test_compiled_decoder_translates_as_eager(model_dir, precision, monkeypatch):
     # Without max_autotune: it multiplies the compile time (minutes on an AVX2 CPU) and its GEMM

@@ -130,6 +130,7 @@ def _random_weights(heads: int, queries: int, keys: int) -> torch.Tensor:
     return torch.softmax(torch.randn(heads, queries, keys, generator=generator), dim=-1)
 
 
+@pytest.mark.slow
 def test_plot_attention_pixel_size_and_readable_cells(tmp_path: Path) -> None:
     """40 subwords per axis: the PNG has the intended size and each token row / column gets at
     least one line of its label font (no bbox cropping, no squeezing)."""
@@ -268,6 +269,7 @@ def test_missing_matplotlib_says_how_to_install(tmp_path: Path, monkeypatch, cap
     assert not (tmp_path / "p.png").exists()
 
 
+@pytest.mark.slow
 def test_cli_attention_all_kinds(model_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "att.png"
     argv = ["attention", "--model", str(model_dir), SOURCE, "--target", TARGET, "--out", str(out),
