@@ -1,5 +1,5 @@
-"""Allocator settings for CPU work: keep freed memory in the process (glibc malloc); and what a
-failed allocation looks like.
+"""Allocator settings for CPU work: keep freed memory in the process (glibc malloc); bound
+oneDNN's per-shape kernel caches; and what a failed allocation looks like.
 
 `retain_freed_memory` is called by `aiayn.inference.prepare` and `aiayn.training.loop.fit` on the
 CPU (process-wide, once). `allocation_failure` is read by the command line and the server, which
@@ -60,6 +60,27 @@ def retain_freed_memory() -> bool:
     return _retained
 
 
+# oneDNN's own primitive cache, and PyTorch's cache of oneDNN operations (ideep), both keyed by
+# shape, 1,024 entries each by default. Read once, at the process's first oneDNN call.
+KERNEL_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+KERNEL_CACHE_CAPACITY = 16
+
+
+def bound_kernel_caches(capacity: int = KERNEL_CACHE_CAPACITY) -> dict[str, str]:
+    """Bound oneDNN's kernel caches to `capacity` entries each; returns the values in force.
+
+    Decoding calls each linear layer with a new row count as beams finish and batches change, and
+    oneDNN keeps a primitive (JIT code and its buffers) per shape in two caches of 1,024 entries.
+    A server meets new shapes for hours, so its resident memory rose by hundreds of MB before the
+    caches filled; with 16 entries each it stays flat, at the same speed (measured in
+    benchmarks/RESULTS.md, "soak"). Environment variables, read by the libraries at the process's
+    first oneDNN call: call this before the first model call. Variables the user set are kept.
+    """
+    for name in KERNEL_CACHE_VARIABLES:
+        os.environ.setdefault(name, str(capacity))
+    return {name: os.environ[name] for name in KERNEL_CACHE_VARIABLES}
+
+
 # PyTorch's words for a failed allocation: the CPU allocator ("DefaultCPUAllocator: can't allocate
 # memory: you tried to allocate 123 bytes") and CUDA's ("CUDA out of memory. Tried to allocate
 # 2.00 GiB"); the first is a RuntimeError, the second torch.OutOfMemoryError.
@@ -84,4 +105,12 @@ def allocation_failure(error: BaseException) -> int | None:
     return 0
 
 
-__all__ = ["OPT_OUT_VARIABLES", "allocation_failure", "applicable", "retain_freed_memory"]
+__all__ = [
+    "KERNEL_CACHE_CAPACITY",
+    "KERNEL_CACHE_VARIABLES",
+    "OPT_OUT_VARIABLES",
+    "allocation_failure",
+    "applicable",
+    "bound_kernel_caches",
+    "retain_freed_memory",
+]

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Sequence
 
 from aiayn import __version__
-from aiayn.allocator import allocation_failure
+from aiayn.allocator import allocation_failure, bound_kernel_caches
 from aiayn.files.atomic import write_output
 from aiayn.config import CTRANSLATE2_QUANTIZATIONS, EXPORT_TARGETS, PRECISIONS, TRAIN_PRECISIONS, DecodeConfig
 
@@ -661,6 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 0
+    bound_kernel_caches()  # before any model call: oneDNN reads them once
     # Warnings (a slow precision here, an overlong line) as one line each, like the errors below.
     saved_format = warnings.formatwarning
     warnings.formatwarning = lambda message, *rest, **kw: f"aiayn {args.command}: warning: {message}\n"

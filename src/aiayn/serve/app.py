@@ -94,8 +94,10 @@ def serve(
     require_fastapi()
     import uvicorn
 
+    from aiayn.allocator import bound_kernel_caches
     from aiayn.decoding.translator import Translator
 
+    bound_kernel_caches()  # a server meets new shapes for hours: keep its memory flat
     limits = limits or ServerLimits()
     translator = Translator.load(model_dir, device=device, precision=precision, compile=compile)
     if not translator.precision_choice.warning:  # a warning has been printed already
