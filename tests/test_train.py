@@ -307,6 +307,50 @@ def test_published_recipes_are_valid():
         assert 24000 <= train["batch_tokens"] * train["accumulate"] <= 27000
 
 
+def test_recipes_ship_with_the_package_and_answer_to_their_names(capsys):
+    from aiayn.cli import main
+    from aiayn.training.recipe import find_recipe, recipes
+
+    shipped = recipes()
+    # The repository's configs/ is the package's recipes, not a copy.
+    assert sorted(shipped) == sorted(path.stem for path in (ROOT / "configs").glob("*.yaml"))
+    assert all(path.parent.name == "recipes" and path.parent.parent.name == "aiayn" for path in shipped.values())
+    assert find_recipe("demo") == shipped["multi30k-de-en-demo"]
+    assert find_recipe("multi30k-de-en") == shipped["multi30k-de-en"]  # an exact name beats a suffix
+    with pytest.raises(ValueError, match="ambiguous: multi30k-de-en-1h, multi30k-en-de-1h"):
+        find_recipe("1h")
+    with pytest.raises(ValueError, match="no recipe named 'nope'; the recipes are multi30k-de-en-1h"):
+        find_recipe("nope")
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "multi30k-de-en-demo  (multi30k:de-en" in out and "wmt14-en-de-big  (your own data, preset big)" in out
+    assert main(["train", "--recipe", "1h", "--out", "unused"]) == 2
+    assert "aiayn train: error: recipe '1h' is ambiguous" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one or the other
+        main(["train", "--recipe", "demo", "--config", "x.yaml"])
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_the_recipes(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    import shutil
+
+    # Built from a copy: setuptools writes build/ beside pyproject.toml.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "wheel"), str(source)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "wheel").glob("aiayn-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert sorted(n.split("/")[-1][:-5] for n in names if n.startswith("aiayn/recipes/")) == sorted(
+        path.stem for path in (ROOT / "configs").glob("*.yaml"))
+
+
 def test_sigterm_stops_after_the_update_with_a_checkpoint(tmp_path, corpus, monkeypatch):
     import os
     import signal

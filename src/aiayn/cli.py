@@ -31,7 +31,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--train-src"), data.add_argument("--train-tgt")
     data.add_argument("--valid-src"), data.add_argument("--valid-tgt")
     data.add_argument("--vocab-size", type=int, help="joint BPE vocabulary size (default: the preset's)")
-    p.add_argument("--config", help="YAML recipe (see configs/); command-line options override it")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--config", help="a YAML recipe file; command-line options override it")
+    which.add_argument("--recipe", help="a recipe shipped with aiayn, by name (`aiayn recipes` lists them), e.g. demo; "
+                                        "command-line options override it")
     p.add_argument("--preset", help="model preset: tiny, small, base, big (default small)")
     p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
                    help="override a ModelConfig field, e.g. --model dropout=0.3 (repeatable)")
@@ -639,7 +642,20 @@ def _run_info(args: argparse.Namespace) -> int:
 
 # --- parser ----------------------------------------------------------------------------------
 
-_SUBCOMMANDS = [_add_train, _add_average, _add_attention, _add_explain, _add_positions, _add_translate,
+def _add_recipes(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recipes", help="list the training recipes shipped with aiayn",
+                       description="The recipes `aiayn train --recipe NAME` takes, with what each is for.")
+    p.set_defaults(handler=_run_recipes)
+
+
+def _run_recipes(args: argparse.Namespace) -> int:
+    from aiayn.training.recipe import describe_recipes
+
+    print("\n".join(describe_recipes()))
+    return 0
+
+
+_SUBCOMMANDS = [_add_train, _add_recipes, _add_average, _add_attention, _add_explain, _add_positions, _add_translate,
                 _add_score, _add_evaluate, _add_serve, _add_export, _add_info]
 
 

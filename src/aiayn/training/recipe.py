@@ -1,4 +1,5 @@
-"""Recipes and the command line of training: a YAML recipe (configs/), `--set` / `--model`
+"""Recipes and the command line of training: a YAML recipe (a file, or one shipped with aiayn by
+name: `aiayn/recipes/`, which the repository's `configs/` points to), `--set` / `--model`
 overrides, the data and tokenizer, then `aiayn.training.loop.fit`."""
 
 from __future__ import annotations
@@ -77,11 +78,53 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     return recipe
 
 
+def recipes() -> dict[str, Path]:
+    """The recipes shipped with aiayn (package data, so an installed wheel has them): name -> file."""
+    from importlib.resources import files
+
+    root = files("aiayn") / "recipes"
+    found = sorted(entry.name for entry in root.iterdir() if entry.name.endswith(".yaml"))
+    return {name.removesuffix(".yaml"): Path(str(root / name)) for name in found}
+
+
+def find_recipe(name: str) -> Path:
+    """A shipped recipe by its name, or by the end of its name when only one ends so
+    ("demo" -> multi30k-de-en-demo).
+
+    Raises:
+        ValueError: no recipe, or several, answer to `name` (the message lists them).
+    """
+    known = recipes()
+    if name in known:
+        return known[name]
+    matches = [known_name for known_name in known if known_name.endswith(f"-{name}")]
+    if len(matches) == 1:
+        return known[matches[0]]
+    if matches:
+        raise ValueError(f"recipe {name!r} is ambiguous: {', '.join(matches)}")
+    raise ValueError(f"no recipe named {name!r}; the recipes are {', '.join(known)} (`aiayn recipes` describes them)")
+
+
+def describe_recipes() -> list[str]:
+    """`aiayn recipes`: each shipped recipe's name, data set and description."""
+    import textwrap
+
+    lines = []
+    for name, path in recipes().items():
+        recipe = load_recipe(path)
+        lines.append(f"{name}  ({recipe.get('data', 'your own data')}, preset {recipe.get('preset', 'small')})")
+        lines += textwrap.wrap(" ".join(str(recipe.get("description", "")).split()), 96,
+                               initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False)
+    return lines
+
+
 def train_from_args(args) -> dict[str, Any]:
     """`aiayn train`: resolve data, tokenizer, model and train config, then `fit`."""
     from aiayn.config import TrainConfig
     from aiayn.files.data import encode_parallel, multi30k_paths, parse_data_spec, read_parallel
 
+    if getattr(args, "recipe", None):
+        args.config = str(find_recipe(args.recipe))
     recipe = load_recipe(args.config) if args.config else {}
     out_dir = Path(args.out)
     flags = {field: getattr(args, flag) for flag, field in _FLAGS.items() if getattr(args, flag, None) is not None}
