@@ -487,3 +487,16 @@ def test_worker_rejects_bad_settings() -> None:
         BatchingWorker(_RecordingTranslator(), max_wait_ms=-1)
     with pytest.raises(ValueError, match="max_chars must be a positive int, got 0"):
         ServerLimits(max_chars=0)
+
+
+def test_translate_splits_sentences_on_request(client, reference) -> None:
+    paragraph = f"{SENTENCES[0]} {SENTENCES[1]}"
+    body = {"texts": [paragraph, " "], "beam_size": 2, "alignment": True, "split_sentences": True}
+    response = client.post("/translate", json=body)
+    assert response.status_code == 200, response.text
+    alone = reference.translate(SENTENCES[:2], DecodeConfig(beam_size=2))
+    assert response.json()["translations"] == [" ".join(alone), ""]
+    first = response.json()["alignments"][0].split()
+    assert first and all(int(pair.split("-")[0]) < len(paragraph.split()) for pair in first)
+    only_blank = client.post("/translate", json={"texts": [" "], "split_sentences": True})
+    assert only_blank.status_code == 200 and only_blank.json()["translations"] == [""]

@@ -433,6 +433,10 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", help="output file (default: stdout)")
     p.add_argument("--prefix", help="file of target prefixes, one per input line (empty = none): each "
                                     "translation starts with its prefix (CTranslate2 target_prefix)")
+    p.add_argument("--split-sentences", action="store_true",
+                   help="translate each line sentence by sentence (the Moses splitter, in the model's source "
+                        "language) and join the translations; scores add up, alignments count words from the "
+                        "start of the line")
     align = p.add_argument_group("word alignment")
     align.add_argument("--alignment", action="store_true",
                        help="append ' ||| i-j ...' to each output line (Pharaoh: source word i - target word j, "
@@ -465,19 +469,25 @@ def _run_translate(args: argparse.Namespace) -> int:
     translator = _load_translator(args)
     if args.alignment:
         translator.alignment_layer(args.alignment_layer)
+    if args.split_sentences and prefixes is not None:
+        raise ValueError("--split-sentences and --prefix do not go together: a prefix starts a line's translation, "
+                         "not each sentence's")
     lines = _read_input_lines(args.input)
     if prefixes is not None and len(prefixes) != len(lines):
         raise ValueError(f"--prefix {args.prefix} has {len(prefixes)} lines but the input has {len(lines)}")
-    results = translator.translate(
-        lines, decode, batch_tokens=args.batch_tokens, return_scores=True,
-        progress=args.input not in (None, "-"), prefixes=prefixes,
-    )
-    alignments = None
-    if args.alignment:  # one alignment per hypothesis, aligned with its own translation
-        flat = [(i, text) for i, entries in enumerate(results) for text, _ in entries]
-        pairs = translator.align([lines[i] for i, _ in flat], [text for _, text in flat],
-                                 layer=args.alignment_layer, batch_tokens=args.batch_tokens)
-        alignments = iter(pairs)
+    if args.split_sentences:
+        results, alignments = _translate_sentences(translator, lines, decode, args)
+    else:
+        results = translator.translate(
+            lines, decode, batch_tokens=args.batch_tokens, return_scores=True,
+            progress=args.input not in (None, "-"), prefixes=prefixes,
+        )
+        alignments = None
+        if args.alignment:  # one alignment per hypothesis, aligned with its own translation
+            flat = [(i, text) for i, entries in enumerate(results) for text, _ in entries]
+            pairs = translator.align([lines[i] for i, _ in flat], [text for _, text in flat],
+                                     layer=args.alignment_layer, batch_tokens=args.batch_tokens)
+            alignments = iter(pairs)
 
     def aligned(line: str) -> str:  # the alignment last, so that readers of the other fields still work
         if alignments is None:
@@ -492,6 +502,22 @@ def _run_translate(args: argparse.Namespace) -> int:
         out = [aligned(entries[0][0]) for entries in results]
     _write_lines(out, args.output)
     return 0
+
+
+def _translate_sentences(translator, lines: list[str], decode: DecodeConfig, args: argparse.Namespace):
+    """`aiayn translate --split-sentences`: the lines' sentences in one call, then each line put
+    back together (`aiayn.decoding.sentences`); the alignments, if asked, per joined hypothesis."""
+    from aiayn.decoding.sentences import hypothesis_alignments, join_translations, split_lines
+
+    split = split_lines(lines, translator.info.get("src_lang"))
+    per_sentence = translator.translate(split.sentences, decode, batch_tokens=args.batch_tokens, return_scores=True,
+                                        progress=args.input not in (None, "-"))
+    results = join_translations(split, per_sentence)
+    if not args.alignment:
+        return results, None
+    aligned = hypothesis_alignments(split, per_sentence, lambda sources, targets: translator.align(
+        sources, targets, layer=args.alignment_layer, batch_tokens=args.batch_tokens))
+    return results, iter([alignment for line in aligned for alignment in line])
 
 
 def _add_score(sub: argparse._SubParsersAction) -> None:

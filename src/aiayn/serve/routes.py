@@ -16,6 +16,7 @@ from fastapi.responses import FileResponse
 
 from aiayn.allocator import allocation_failure
 from aiayn.config import SERVER_MAX_BEAM_SIZE, DecodeConfig
+from aiayn.decoding.sentences import hypothesis_alignments, join_translations, split_lines
 from aiayn.serve.http import client_gone, one_line
 from aiayn.serve.limits import RETRY_AFTER_S, ServerLimits, attention_weights, decoding_bytes
 from aiayn.serve.schemas import (
@@ -122,15 +123,26 @@ def add_translate_route(app: FastAPI, gate: Gate, translator: Any) -> None:
         settings = DecodeConfig(beam_size=body.beam_size, nbest=body.nbest, length_penalty=body.length_penalty,
                                 sampling_topk=body.sampling_topk, sampling_topp=body.sampling_topp,
                                 temperature=body.temperature, seed=body.seed)
-        check_memory(translator, texts, settings, limits.max_request_mb)
-        job = gate.enqueue(worker.submit_translate, texts, settings)
-        results = await gate.answer(job, "translation", request)
+        split = split_lines(texts, translator.info.get("src_lang")) if body.split_sentences else None
+        sentences = texts if split is None else split.sentences
+        if sentences:
+            check_memory(translator, sentences, settings, limits.max_request_mb)
+            job = gate.enqueue(worker.submit_translate, sentences, settings)
+            per_sentence = await gate.answer(job, "translation", request)
+        else:  # blank texts only, split into no sentences
+            per_sentence = []
+        results = per_sentence if split is None else join_translations(split, per_sentence)
         response: dict[str, Any] = {"translations": [hypotheses[0][0] for hypotheses in results]}
         alignments = None
         if body.alignment:  # from the cross-attention of each hypothesis, on the worker like any model call
-            flat = [(texts[i], text) for i, hypotheses in enumerate(results) for text, _ in hypotheses]
-            job = gate.enqueue(worker.submit_call,
-                               lambda: translator.align([s for s, _ in flat], [t for _, t in flat]))
+            if split is None:
+                flat = [(texts[i], text) for i, hypotheses in enumerate(results) for text, _ in hypotheses]
+                job = gate.enqueue(worker.submit_call,
+                                   lambda: translator.align([s for s, _ in flat], [t for _, t in flat]))
+            else:
+                job = gate.enqueue(worker.submit_call, lambda: [
+                    alignment for line in hypothesis_alignments(split, per_sentence, translator.align)
+                    for alignment in line])
             alignments = iter(await gate.answer(job, "alignment", request))
         nbest = [[{"text": text, "score": float(score)} for text, score in hypotheses] for hypotheses in results]
         if alignments is not None:

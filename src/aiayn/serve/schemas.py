@@ -51,6 +51,8 @@ class TranslateRequest(BaseModel):
                                description="divides the log-probs before sampling")
     seed: int = Field(DecodeConfig.seed, ge=0, le=MAX_SEED, description="same seed and text, same samples")
     alignment: bool = Field(False, description="also return Pharaoh word alignments ('i-j ...') per hypothesis")
+    split_sentences: bool = Field(False, description="translate each text sentence by sentence (the Moses splitter "
+                                                     "in the model's source language) and join the translations")
 
     @model_validator(mode="after")
     def _check(self) -> "TranslateRequest":
