@@ -48,6 +48,21 @@ def pytest_collection_modifyitems(items: list) -> None:
     items.sort(key=order)
 
 
+@pytest.fixture(autouse=True)
+def _kernel_cache_variables_restored():
+    """The decoding commands set oneDNN's cache variables in os.environ (`bound_kernel_caches`);
+    in-process CLI tests must not hand them on to later tests' subprocesses."""
+    from aiayn.allocator import KERNEL_CACHE_VARIABLES
+
+    saved = {name: os.environ.get(name) for name in KERNEL_CACHE_VARIABLES}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def tiny_pairs():
     """The repository's small corpus as `ParallelText` (src German, tgt English, 400 pairs)."""
     return read_parallel(TINY_CORPUS / "tiny.de", TINY_CORPUS / "tiny.en")

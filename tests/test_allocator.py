@@ -51,32 +51,42 @@ def test_retain_freed_memory_stops_page_faults_between_steps():
     assert default >= 10.0, f"the pattern should fault under glibc's defaults, got {default} per step"
 
 
+def _without_kernel_cache_variables(monkeypatch):
+    from aiayn.allocator import KERNEL_CACHE_VARIABLES
+
+    for name in KERNEL_CACHE_VARIABLES:
+        monkeypatch.setenv(name, "placeholder")  # so that the undo restores the variable's absence too
+        monkeypatch.delenv(name)
+
+
 def test_kernel_caches_are_bounded_unless_the_user_chose(monkeypatch):
     from aiayn.allocator import KERNEL_CACHE_CAPACITY, KERNEL_CACHE_VARIABLES, bound_kernel_caches
 
     assert KERNEL_CACHE_VARIABLES == ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
-    for name in KERNEL_CACHE_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
+    _without_kernel_cache_variables(monkeypatch)
     monkeypatch.setenv("LRU_CACHE_CAPACITY", "300")  # the user's choice stays
     assert bound_kernel_caches() == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(KERNEL_CACHE_CAPACITY),
                                      "LRU_CACHE_CAPACITY": "300"}
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "16"
 
 
-def test_every_command_bounds_the_kernel_caches_before_it_runs(monkeypatch, capsys):
+def test_decoding_commands_bound_the_kernel_caches_before_the_model_loads(tiny_model_dir, monkeypatch):
+    import argparse
+
     from aiayn import cli
     from aiayn.allocator import KERNEL_CACHE_VARIABLES
+    from aiayn.decoding.translator import Translator
 
-    for name in KERNEL_CACHE_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
+    _without_kernel_cache_variables(monkeypatch)
     seen = {}
+    real_load = Translator.load
 
-    def handler(args):
+    def load(*args, **kwargs):
         seen.update({name: os.environ.get(name) for name in KERNEL_CACHE_VARIABLES})
-        return 0
+        return real_load(*args, **kwargs)
 
-    parser = cli.build_parser()
-    monkeypatch.setattr(cli, "build_parser", lambda: parser)
-    parser.set_defaults(handler=handler, command="test")
-    assert cli.main([]) == 0
+    monkeypatch.setattr(Translator, "load", load)
+    args = argparse.Namespace(model=str(tiny_model_dir), device="cpu", precision="fp32", compile=False,
+                              command="translate")
+    assert isinstance(cli._load_translator(args), Translator)
     assert seen == {name: "16" for name in KERNEL_CACHE_VARIABLES}

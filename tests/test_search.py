@@ -473,6 +473,8 @@ def test_a_later_process_loads_the_kept_kernel_without_inductor(tmp_path):
     assert len(list((tmp_path / "cache").iterdir())) == 1
 
 
+@pytest.mark.slow(seconds=5)
+@NEEDS_FUSED
 def test_a_damaged_kept_kernel_is_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setenv("AIAYN_CACHE", str(tmp_path))
     path = fused_beam_step.cached_library()
@@ -480,3 +482,8 @@ def test_a_damaged_kept_kernel_is_rebuilt(tmp_path, monkeypatch):
     path.write_bytes(b"not a library")
     with pytest.raises(ImportError):
         fused_beam_step._load_library(path)
+    monkeypatch.setattr(fused_beam_step, "_kernel", None)  # as in a fresh process
+    monkeypatch.setattr(fused_beam_step, "_failed", False)
+    assert fused_beam_step._load() is not None and not fused_beam_step._failed
+    assert path.read_bytes() != b"not a library"  # built again and kept
+    assert fused_beam_step._load_library(path) is not None

@@ -500,3 +500,5 @@ def test_translate_splits_sentences_on_request(client, reference) -> None:
     assert first and all(int(pair.split("-")[0]) < len(paragraph.split()) for pair in first)
     only_blank = client.post("/translate", json={"texts": [" "], "split_sentences": True})
     assert only_blank.status_code == 200 and only_blank.json()["translations"] == [""]
+    many = client.post("/translate", json={"text": "Ein Hund läuft. " * 9, "split_sentences": True})
+    assert many.status_code == 422 and "the texts hold 9 sentences; the limit is 8" in _message(many)

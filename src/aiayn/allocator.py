@@ -75,6 +75,8 @@ def bound_kernel_caches(capacity: int = KERNEL_CACHE_CAPACITY) -> dict[str, str]
     caches filled; with 16 entries each it stays flat, at the same speed (measured in
     benchmarks/RESULTS.md, "soak"). Environment variables, read by the libraries at the process's
     first oneDNN call: call this before the first model call. Variables the user set are kept.
+    Called by the commands that decode (through the CLI's translator loading) and by `serve()`;
+    training, whose oneDNN shapes were not measured with it, keeps the defaults.
     """
     for name in KERNEL_CACHE_VARIABLES:
         os.environ.setdefault(name, str(capacity))

@@ -356,6 +356,7 @@ def _load_translator(args: argparse.Namespace):
     """Translator.load with the decode options; says once on stderr what --precision became."""
     from aiayn.decoding.translator import Translator
 
+    bound_kernel_caches()  # before the first model call, where oneDNN reads them
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         translator = Translator.load(args.model, device=args.device, precision=args.precision, compile=args.compile)
@@ -435,8 +436,8 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
                                     "translation starts with its prefix (CTranslate2 target_prefix)")
     p.add_argument("--split-sentences", action="store_true",
                    help="translate each line sentence by sentence (the Moses splitter, in the model's source "
-                        "language) and join the translations; scores add up, alignments count words from the "
-                        "start of the line")
+                        "language) and join the translations; a line's score is the sum of its sentences' "
+                        "length-normalised scores, alignments count words from the start of the line")
     align = p.add_argument_group("word alignment")
     align.add_argument("--alignment", action="store_true",
                        help="append ' ||| i-j ...' to each output line (Pharaoh: source word i - target word j, "
@@ -703,7 +704,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 0
-    bound_kernel_caches()  # before any model call: oneDNN reads them once
     # Warnings (a slow precision here, an overlong line) as one line each, like the errors below.
     saved_format = warnings.formatwarning
     warnings.formatwarning = lambda message, *rest, **kw: f"aiayn {args.command}: warning: {message}\n"

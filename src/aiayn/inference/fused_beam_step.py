@@ -194,13 +194,13 @@ def _load_library(path: Path):
     return module.kernel
 
 
-def _build_and_keep(path: Path):
+def _build_and_keep(path: Path | None):
     from torch._inductor.codecache import CppPythonBindingsCodeCache
 
     kernel = CppPythonBindingsCodeCache.load_pybinding(_ARGTYPES, _SOURCE)
     built = Path(sys.modules[kernel.__module__].__file__) if kernel.__module__ in sys.modules else None
     try:
-        if built is not None and built.is_file():
+        if path is not None and built is not None and built.is_file():
             from aiayn.files.atomic import atomic_write_bytes
 
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -217,12 +217,13 @@ def _load():
         return _kernel
     with _lock:
         if _kernel is None and not _failed:
-            path = cached_library()
-            if path.is_file():
-                try:
+            path = None
+            try:  # no home directory, an unreadable cache, a damaged or foreign library: build instead
+                path = cached_library()
+                if path.is_file():
                     _kernel = _load_library(path)
-                except (ImportError, OSError, AttributeError) as error:  # damaged or foreign: rebuild
-                    log.info("cached fused beam step %s not loadable (%s); rebuilding", path, error)
+            except Exception as error:
+                log.info("cached fused beam step %s not loadable (%s); building it", path, error)
             if _kernel is None:
                 try:
                     _kernel = _build_and_keep(path)

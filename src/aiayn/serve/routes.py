@@ -125,6 +125,8 @@ def add_translate_route(app: FastAPI, gate: Gate, translator: Any) -> None:
                                 temperature=body.temperature, seed=body.seed)
         split = split_lines(texts, translator.info.get("src_lang")) if body.split_sentences else None
         sentences = texts if split is None else split.sentences
+        if len(sentences) > limits.max_texts:  # the limit counts what is decoded: sentences
+            raise HTTPException(422, f"the texts hold {len(sentences)} sentences; the limit is {limits.max_texts}")
         if sentences:
             check_memory(translator, sentences, settings, limits.max_request_mb)
             job = gate.enqueue(worker.submit_translate, sentences, settings)
