@@ -17,7 +17,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 FALLBACK_LANGUAGE = "en"
 
@@ -52,8 +52,16 @@ class SplitLines:
     owners: list[int]
     lines: int
 
+    @cached_property
+    def _members(self) -> list[list[int]]:
+        # Built once: a scan of every sentence per line would be quadratic in a long file.
+        members: list[list[int]] = [[] for _ in range(self.lines)]
+        for k, owner in enumerate(self.owners):
+            members[owner].append(k)
+        return members
+
     def of_line(self, line: int) -> list[int]:
-        return [k for k, owner in enumerate(self.owners) if owner == line]
+        return self._members[line]
 
 
 def split_lines(lines: list[str], language: str | None) -> SplitLines:
